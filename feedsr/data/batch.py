@@ -1,0 +1,152 @@
+"""Batch: what the models consume, built from a SequenceBlock.
+
+Sequences stay jagged: per-impression tensors are flat over the batch's impressions (N = sum of
+lengths), with ``lengths`` telling which belong to which member. Id features go into one TorchRec
+``KeyedJaggedTensor`` (one key per feature, the same lengths for every key), ready for an
+``EmbeddingCollection`` or a sharded one. Padding happens only inside the model (``pad_jagged``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from feedsr.data.block import SequenceBlock
+from feedsr.data.reader import ReadSpec
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX
+from feedsr.data.tasks import Task, task_bitmasks, task_labels
+
+
+@dataclass
+class Batch:
+    sparse: KeyedJaggedTensor  # keys = id features; lengths (B,) per key
+    lengths: torch.Tensor  # (B,) int64 impressions per member
+    member_ids: torch.Tensor  # (B,) int64
+    num_targets: torch.Tensor  # (B,) int64 trailing target impressions per member
+    timestamps: torch.Tensor  # (N,) int64 seconds
+    positions: torch.Tensor  # (N,) int64 feed position, -1 unknown
+    actions: torch.Tensor  # (N, M) float32 multi-hot of the M actions (the action-token input)
+    context: torch.Tensor  # (N, C) float32 late-fusion features
+    labels: torch.Tensor  # (N, K) float32 one column per task
+    target_mask: torch.Tensor  # (N,) bool: impression is a target (in its row's num_targets tail)
+    true_probs: torch.Tensor  # (N, K) float32 true probability per task, NaN where unknown
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offsets(self) -> torch.Tensor:  # (B+1,)
+        return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{
+            f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking)
+            for f in fields(self)
+        })
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a SequenceBlock becomes a Batch.
+
+    Args:
+        read: the columns read (action names, categoricals, context, true probabilities).
+        tasks: the prediction tasks.
+        id_hash_sizes: id feature -> table size; ids are taken modulo the size (an id space
+            smaller than the table is therefore collision-free). Keys: ``item_ids``,
+            ``author_ids`` and ``cat_<name>`` for each categorical.
+    """
+
+    read: ReadSpec
+    tasks: tuple[Task, ...]
+    id_hash_sizes: dict[str, int]
+
+    def __post_init__(self):
+        expected = ["item_ids", "author_ids"] + [CATEGORICAL_PREFIX + c for c in self.read.categorical]
+        if list(self.id_hash_sizes) != expected:
+            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}, expected {expected}")
+        bad = {k: v for k, v in self.id_hash_sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"id table sizes must be >= 1, got {bad}")
+
+    @property
+    def id_features(self) -> list[str]:
+        return list(self.id_hash_sizes)
+
+    def true_prob_columns(self) -> list[str | None]:
+        """Per task, the true_ column that gives its probability (single-action tasks only)."""
+        have = set(self.read.true_probs)
+        return [
+            TRUE_PROB_PREFIX + t.actions[0] if len(t.actions) == 1 and t.actions[0] in have else None
+            for t in self.tasks
+        ]
+
+
+def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
+    """SequenceBlock -> Batch (CPU tensors)."""
+    v, lengths = block.values, block.lengths
+    n = int(lengths.sum())
+    ids = [v[name] % size for name, size in spec.id_hash_sizes.items()]
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=spec.id_features,
+        values=torch.from_numpy(np.concatenate(ids)),
+        lengths=torch.from_numpy(np.tile(lengths, len(ids))),
+    )
+    bits = v["action_bits"]
+    num_actions = len(spec.read.action_names)
+    actions = ((bits[:, None] >> np.arange(num_actions)) & 1).astype(np.float32)
+    context = (
+        np.stack([v[CONTEXT_PREFIX + c] for c in spec.read.context], axis=1)
+        if spec.read.context else np.zeros((n, 0), np.float32)
+    )
+    true = np.full((n, len(spec.tasks)), np.nan, np.float32)
+    for k, col in enumerate(spec.true_prob_columns()):
+        if col is not None:
+            true[:, k] = v[col]
+    target_start = np.repeat(lengths - block.rows["num_targets"], lengths)
+    in_row = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return Batch(
+        sparse=sparse,
+        lengths=torch.from_numpy(lengths.astype(np.int64)),
+        member_ids=torch.from_numpy(block.rows["member_id"]),
+        num_targets=torch.from_numpy(block.rows["num_targets"]),
+        timestamps=torch.from_numpy(v["timestamps"]),
+        positions=torch.from_numpy(v["positions"]),
+        actions=torch.from_numpy(actions),
+        context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
+        labels=torch.from_numpy(task_labels(bits, task_bitmasks(list(spec.tasks), list(spec.read.action_names)))),
+        target_mask=torch.from_numpy(in_row >= target_start),
+        true_probs=torch.from_numpy(true),
+    )
+
+
+class Collator:
+    """A picklable ``collate`` bound to a spec (DataLoader workers pickle the dataset)."""
+
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+
+    def __call__(self, block: SequenceBlock) -> Batch:
+        return collate(block, self.spec)
+
+
+def pad_jagged(
+    values: torch.Tensor, lengths: torch.Tensor, max_len: int, padding_value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, ...) flat values -> ((B, T, ...) padded, (B, T) bool mask of real positions)."""
+    batch = len(lengths)
+    mask = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+    out = values.new_full((batch, max_len, *values.shape[1:]), padding_value)
+    out[mask] = values
+    return out, mask

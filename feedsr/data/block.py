@@ -1,0 +1,113 @@
+"""SequenceBlock: a run of sequence rows held as flat numpy arrays (jagged, no padding).
+
+Per-row arrays have one entry per row; per-impression arrays are flat over all impressions of the
+block, row i owning ``values[offsets[i]:offsets[i+1]]``. Every reshuffle, slice and truncation is a
+single numpy gather, so the reader never loops over rows in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), vectorized."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    out_starts = np.cumsum(lengths) - lengths
+    return np.repeat(starts - out_starts, lengths) + np.arange(total, dtype=np.int64)
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+@dataclass
+class SequenceBlock:
+    lengths: np.ndarray  # (n,) int64
+    rows: dict[str, np.ndarray]  # name -> (n,) per-row values (member_id, num_targets)
+    values: dict[str, np.ndarray]  # name -> (sum(lengths), ...) per-impression values
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return offsets_of(self.lengths)
+
+    def gather(self, row_idx: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> SequenceBlock:
+        """Rows ``row_idx``, each keeping impressions [starts, starts + lengths) (flat indices)."""
+        elem = ranges(starts, lengths)
+        return SequenceBlock(
+            lengths=lengths.astype(np.int64),
+            rows={k: v[row_idx] for k, v in self.rows.items()},
+            values={k: v[elem] for k, v in self.values.items()},
+        )
+
+    def take(self, row_idx: np.ndarray) -> SequenceBlock:
+        """Rows in the order of ``row_idx`` (whole rows)."""
+        row_idx = np.asarray(row_idx, dtype=np.int64)
+        return self.gather(row_idx, self.offsets[:-1][row_idx], self.lengths[row_idx])
+
+    def slice(self, lo: int, hi: int) -> SequenceBlock:
+        """Rows [lo, hi), without copying."""
+        off = self.offsets
+        a, b = off[lo], off[hi]
+        return SequenceBlock(
+            lengths=self.lengths[lo:hi],
+            rows={k: v[lo:hi] for k, v in self.rows.items()},
+            values={k: v[a:b] for k, v in self.values.items()},
+        )
+
+    def truncate(self, max_len: int) -> SequenceBlock:
+        """Keep each row's newest ``max_len`` impressions; num_targets shrinks with it."""
+        if len(self) == 0 or self.lengths.max() <= max_len:
+            return self
+        keep = np.minimum(self.lengths, max_len)
+        out = self.gather(np.arange(len(self)), self.offsets[1:] - keep, keep)
+        out.rows["num_targets"] = np.minimum(out.rows["num_targets"], keep)
+        return out
+
+    @staticmethod
+    def concat(blocks: list[SequenceBlock]) -> SequenceBlock:
+        if len(blocks) == 1:
+            return blocks[0]
+        return SequenceBlock(
+            lengths=np.concatenate([b.lengths for b in blocks]),
+            rows={k: np.concatenate([b.rows[k] for b in blocks]) for k in blocks[0].rows},
+            values={k: np.concatenate([b.values[k] for b in blocks]) for k in blocks[0].values},
+        )
+
+
+def session_shuffle(
+    block: SequenceBlock, gap_s: int, rng: np.random.Generator
+) -> SequenceBlock:
+    """Shuffle impression order within each session (split at gaps > ``gap_s`` seconds).
+
+    A member's feedback inside one session is strongly correlated, and at serving time the current
+    session is not in the history yet; shuffling within sessions stops the model from learning the
+    within-session order (the paper's default). History and targets are shuffled separately, so no
+    target moves into the history or the other way round. Timestamps travel with their impression.
+    """
+    n = int(block.lengths.sum())
+    if n == 0:
+        return block
+    ts = block.values["timestamps"]
+    off = block.offsets
+    row_start = np.zeros(n, dtype=bool)
+    row_start[off[:-1][block.lengths > 0]] = True
+    target_start = np.zeros(n, dtype=bool)
+    first_target = off[1:] - block.rows["num_targets"]
+    target_start[first_target[first_target < off[1:]]] = True
+    gap = np.zeros(n, dtype=bool)
+    gap[1:] = np.diff(ts) > gap_s
+    segment = np.cumsum(row_start | target_start | gap)  # non-decreasing segment id
+    order = np.lexsort((rng.random(n), segment))  # random order within each segment
+    return SequenceBlock(
+        lengths=block.lengths,
+        rows=block.rows,
+        values={k: v[order] for k, v in block.values.items()},
+    )

@@ -1,0 +1,437 @@
+"""Streaming reader: Parquet row groups -> shuffled, rank- and worker-partitioned row blocks.
+
+How an epoch is cut (all of it is arithmetic on row-group sizes from the files' footers, so every
+rank and worker computes the same plan without talking to the others):
+
+1. The row groups of all files ("units") are put in an order: shuffled by (seed, epoch) for
+   training, file/row-group order otherwise. Concatenated, they form one global row sequence.
+2. Rank r takes the contiguous rows [r*N/W, (r+1)*N/W): no overlap, no gap.
+3. Every rank yields the same number of batches K (HDET's collectives and DDP need it): K is the
+   largest rank's ceil(rows / batch_size); a rank one row short splits one batch in two.
+   ``drop_last`` instead gives every rank K = floor(min rows / batch_size) full batches.
+4. Loader worker w of a rank yields that rank's batches k = w, w + num_workers, ...; it reads the
+   contiguous slice of the rank's rows that those batches need. PyTorch's DataLoader takes one
+   batch from each worker in turn, so the rank sees batches 0, 1, 2, ... in order.
+5. Inside a worker, rows pass a shuffle buffer (seeded by seed, epoch, rank, worker), are cut into
+   that worker's batch sizes, optionally shuffled within sessions, and collated.
+
+Resuming at batch n of an epoch replays the plan and drops the first n batches before collation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from feedsr.data.block import SequenceBlock, session_shuffle
+from feedsr.data.schema import (
+    CATEGORICAL_PREFIX,
+    CONTEXT_PREFIX,
+    PER_IMPRESSION_COLUMNS,
+    TRUE_PROB_PREFIX,
+    UNKNOWN_POSITION,
+    DataError,
+    check_schema,
+    file_action_names,
+)
+
+ID_COLUMNS = ("item_ids", "author_ids")
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What to read from each file, and the action names the files must carry."""
+
+    action_names: tuple[str, ...]
+    categorical: tuple[str, ...] = ()  # names without the cat_ prefix
+    context: tuple[str, ...] = ()  # names without the ctx_ prefix
+    true_probs: tuple[str, ...] = ()  # action names with a true_ column (synthetic data)
+
+    @property
+    def list_columns(self) -> list[str]:
+        return (
+            list(PER_IMPRESSION_COLUMNS)
+            + [CATEGORICAL_PREFIX + c for c in self.categorical]
+            + [CONTEXT_PREFIX + c for c in self.context]
+            + [TRUE_PROB_PREFIX + a for a in self.true_probs]
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        return ["member_id", "num_targets"] + self.list_columns
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    row_group_rows: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_group_rows)
+
+
+def split_files(data_dir: str | Path, split: str) -> list[Path]:
+    """The Parquet files of one split, ``DIR/<split>/*.parquet``, in name order."""
+    split_dir = Path(data_dir) / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: split directory does not exist")
+    files = sorted(split_dir.glob("*.parquet"))
+    if not files:
+        raise DataError(f"{split_dir}: no *.parquet files")
+    return files
+
+
+def open_file(path: str | Path, spec: ReadSpec) -> FileInfo:
+    """Open a file's footer and check it against the schema; DataError naming the path if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
+    schema = meta.schema.to_arrow_schema()
+    check_schema(path, schema, spec.columns)
+    names = file_action_names(schema)
+    if names is not None and tuple(names) != spec.action_names:
+        raise DataError(
+            f"{path}: file's action names {names} differ from the config's {list(spec.action_names)}"
+        )
+    if meta.num_rows == 0:
+        raise DataError(f"{path}: file has no rows")
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return FileInfo(str(path), rows)
+
+
+def open_files(paths: list[str | Path], spec: ReadSpec) -> list[FileInfo]:
+    return [open_file(p, spec) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating one row group
+# ---------------------------------------------------------------------------------------------
+
+
+def _where(path: str, row_group: int, first_row: int, bad: np.ndarray) -> str:
+    row = first_row + int(np.flatnonzero(bad)[0])
+    return f"{path}: row group {row_group}, row {row} (of the file)"
+
+
+def _flat(column: pa.ChunkedArray, path: str, rg: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, flat values) of a list column; DataError on nulls."""
+    arr = column.combine_chunks()
+    if arr.null_count or (arr.type.num_fields and arr.flatten().null_count):
+        raise DataError(f"{path}: row group {rg}: column '{name}' contains nulls")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, arr.flatten().to_numpy(zero_copy_only=False)
+
+
+def read_block(info: FileInfo, row_group: int, spec: ReadSpec) -> SequenceBlock:
+    """Read and validate one row group into a SequenceBlock."""
+    path = info.path
+    try:
+        table = pq.ParquetFile(path).read_row_group(row_group, columns=spec.columns)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: row group {row_group} cannot be read: {e}") from e
+    first_row = sum(info.row_group_rows[:row_group])
+    rows = {}
+    for name in ("member_id", "num_targets"):
+        col = table.column(name)
+        if col.null_count:
+            raise DataError(f"{path}: row group {row_group}: column '{name}' contains nulls")
+        rows[name] = col.to_numpy().astype(np.int64)
+    lengths, values = None, {}
+    for name in spec.list_columns:
+        col_lengths, flat = _flat(table.column(name), path, row_group, name)
+        if lengths is None:
+            lengths = col_lengths
+        elif not np.array_equal(col_lengths, lengths):
+            bad = col_lengths != lengths
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{_where(path, row_group, first_row, bad)}: column '{name}' has "
+                f"{col_lengths[i]} values but '{spec.list_columns[0]}' has {lengths[i]}"
+            )
+        kind = np.float32 if name.startswith((CONTEXT_PREFIX, TRUE_PROB_PREFIX)) else np.int64
+        values[name] = flat.astype(kind, copy=False)
+    block = SequenceBlock(lengths=lengths, rows=rows, values=values)
+    validate_block(block, spec, path, row_group, first_row)
+    return block
+
+
+def _row_of(block: SequenceBlock, bad_elems: np.ndarray) -> np.ndarray:
+    """Per-row flag: does the row own any flagged impression?"""
+    owner = np.repeat(np.arange(len(block)), block.lengths)
+    return np.bincount(owner[bad_elems], minlength=len(block)) > 0
+
+
+def validate_block(
+    block: SequenceBlock, spec: ReadSpec, path: str, row_group: int, first_row: int
+) -> None:
+    """Value checks; each failure names the file, row group, row and column."""
+    where = lambda bad: _where(path, row_group, first_row, bad)  # noqa: E731
+    if (block.lengths == 0).any():
+        raise DataError(f"{where(block.lengths == 0)}: empty sequence (no impressions)")
+    nt = block.rows["num_targets"]
+    bad = (nt < 1) | (nt > block.lengths)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{where(bad)}: num_targets={nt[i]} outside [1, {block.lengths[i]}] (the row's length)"
+        )
+    if (block.rows["member_id"] < 0).any():
+        raise DataError(f"{where(block.rows['member_id'] < 0)}: column 'member_id' has a negative id")
+    v = block.values
+    checks = [(f"column '{c}' has a negative id", v[c] < 0) for c in ID_COLUMNS]
+    checks += [
+        (f"column '{CATEGORICAL_PREFIX}{c}' has a negative value", v[CATEGORICAL_PREFIX + c] < 0)
+        for c in spec.categorical
+    ]
+    checks.append((f"column 'positions' has a value below {UNKNOWN_POSITION}",
+                   v["positions"] < UNKNOWN_POSITION))
+    max_bits = 1 << len(spec.action_names)
+    checks.append((f"column 'action_bits' has bits beyond the {len(spec.action_names)} actions "
+                   f"{list(spec.action_names)}", (v["action_bits"] < 0) | (v["action_bits"] >= max_bits)))
+    checks += [(f"column '{CONTEXT_PREFIX}{c}' has a non-finite value",
+                ~np.isfinite(v[CONTEXT_PREFIX + c])) for c in spec.context]
+    checks += [(f"column '{TRUE_PROB_PREFIX}{a}' has a value outside [0, 1]",
+                ~((v[TRUE_PROB_PREFIX + a] >= 0) & (v[TRUE_PROB_PREFIX + a] <= 1)))
+               for a in spec.true_probs]
+    ts = v["timestamps"]
+    backwards = np.zeros(len(ts), dtype=bool)
+    backwards[1:] = np.diff(ts) < 0
+    backwards[block.offsets[:-1]] = False  # a new row may start earlier than the last one ended
+    checks.append(("column 'timestamps' decreases (impressions must be oldest first)", backwards))
+    for message, bad_elems in checks:
+        if bad_elems.any():
+            raise DataError(f"{where(_row_of(block, bad_elems))}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: int
+    row_group: int
+    num_rows: int
+
+
+def epoch_units(files: list[FileInfo], seed: int, epoch: int, shuffle: bool) -> list[Unit]:
+    units = [
+        Unit(f, g, n) for f, info in enumerate(files) for g, n in enumerate(info.row_group_rows)
+    ]
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(units))
+        units = [units[i] for i in order]
+    return units
+
+
+def rank_rows(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous global rows [lo, hi) of one rank."""
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def batch_sizes(num_rows: int, num_batches: int, batch_size: int) -> list[int]:
+    """Cut ``num_rows`` into exactly ``num_batches`` non-empty batches of at most ``batch_size``."""
+    full, rest = divmod(num_rows, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    sizes = sizes[:num_batches] if len(sizes) > num_batches else sizes
+    while len(sizes) < num_batches:  # at most once or twice: ranks differ by one row
+        big = int(np.argmax(sizes))
+        if sizes[big] < 2:
+            raise DataError(
+                f"cannot cut {num_rows} rows into {num_batches} equal-count batches; "
+                "use a larger batch size or data.drop_last=true"
+            )
+        half = sizes[big] // 2
+        sizes[big : big + 1] = [sizes[big] - half, half]
+    return sizes
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads in one epoch."""
+
+    row_lo: int
+    row_hi: int
+    sizes: tuple[int, ...]  # batch sizes, in batch order
+    dropped_rows: int  # rows of this rank's range left out by drop_last
+
+
+def rank_plan(total: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> RankPlan:
+    if total < world_size:
+        raise DataError(f"{total} rows cannot be split over {world_size} ranks")
+    lo, hi = rank_rows(total, rank, world_size)
+    smallest, largest = total // world_size, math.ceil(total / world_size)
+    if drop_last:
+        k = smallest // batch_size
+        if k == 0:
+            raise DataError(
+                f"drop_last with batch size {batch_size} leaves no batch: "
+                f"each of {world_size} ranks has only {smallest} rows"
+            )
+        return RankPlan(lo, lo + k * batch_size, (batch_size,) * k, hi - lo - k * batch_size)
+    k = math.ceil(largest / batch_size)
+    return RankPlan(lo, hi, tuple(batch_sizes(hi - lo, k, batch_size)), 0)
+
+
+def worker_ranges(plan: RankPlan, num_workers: int) -> list[tuple[int, int, list[int]]]:
+    """Per logical worker: (row_lo, row_hi, its batch sizes); batch k goes to worker k % n."""
+    out, lo = [], plan.row_lo
+    for w in range(num_workers):
+        sizes = list(plan.sizes[w::num_workers])
+        out.append((lo, lo + sum(sizes), sizes))
+        lo += sum(sizes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReaderConfig:
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = False
+    shuffle_buffer: int = 4096  # rows
+    max_seq_len: int = 256
+    session_shuffle: bool = False
+    session_gap_s: int = 1800
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+
+class SequenceReader(IterableDataset):
+    """Iterates one rank's batches of one epoch; ``collate`` turns a SequenceBlock into a batch.
+
+    Args:
+        files: opened files (``open_files``) of one split.
+        spec: columns and action names.
+        config: batch size, shuffling, rank/world size.
+        collate: SequenceBlock -> whatever the model consumes (default: the block itself).
+
+    Example::
+
+        reader = SequenceReader(open_files(split_files(d, "train"), spec), spec,
+                                ReaderConfig(batch_size=256, shuffle=True))
+        reader.set_epoch(0)
+        loader = DataLoader(reader, batch_size=None, num_workers=2)
+    """
+
+    def __init__(
+        self,
+        files: list[FileInfo],
+        spec: ReadSpec,
+        config: ReaderConfig,
+        collate: Callable[[SequenceBlock], Any] | None = None,
+    ):
+        self.files, self.spec, self.config = files, spec, config
+        self.collate = collate
+        self.total_rows = sum(f.num_rows for f in files)
+        self.plan = rank_plan(
+            self.total_rows, config.rank, config.world_size, config.batch_size, config.drop_last
+        )
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.plan.sizes)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch, and how many of its batches to drop (for an exact resume)."""
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        num_workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        # DataLoader worker j serves logical worker (j + skip) % n, so that after dropping the
+        # first `skip` batches the round-robin still yields batches in order (see module doc).
+        logical = (worker + self.skip) % num_workers
+        yield from self._iter_worker(logical, num_workers)
+
+    def _iter_worker(self, logical: int, num_workers: int) -> Iterator[Any]:
+        cfg = self.config
+        lo, hi, sizes = worker_ranges(self.plan, num_workers)[logical]
+        rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, logical])
+        blocks = self._read_range(lo, hi)
+        if cfg.shuffle and cfg.shuffle_buffer > 0:
+            blocks = _shuffle_buffer(blocks, cfg.shuffle_buffer, rng)
+        for i, block in enumerate(_cut(blocks, sizes)):
+            if logical + i * num_workers < self.skip:
+                continue  # resumed: already consumed; skip before the costly collation
+            if cfg.session_shuffle:
+                block = session_shuffle(block, cfg.session_gap_s, rng)
+            yield self.collate(block) if self.collate else block
+
+    def _read_range(self, lo: int, hi: int) -> Iterator[SequenceBlock]:
+        """Blocks covering global rows [lo, hi) of this epoch's unit order."""
+        cursor = 0
+        for unit in epoch_units(self.files, self.config.seed, self.epoch, self.config.shuffle):
+            start, cursor = cursor, cursor + unit.num_rows
+            if cursor <= lo or start >= hi:
+                continue
+            block = read_block(self.files[unit.file], unit.row_group, self.spec)
+            block = block.slice(max(lo - start, 0), min(hi, cursor) - start)
+            yield block.truncate(self.config.max_seq_len)
+
+
+def _shuffle_buffer(
+    blocks: Iterator[SequenceBlock], size: int, rng: np.random.Generator
+) -> Iterator[SequenceBlock]:
+    """Approximate global shuffle with bounded memory: fill to ``size`` rows, permute, emit half."""
+    pending, n = [], 0
+    for block in blocks:
+        pending.append(block)
+        n += len(block)
+        if n >= size:
+            merged = SequenceBlock.concat(pending)
+            perm = rng.permutation(n)
+            keep = size // 2
+            yield merged.take(perm[: n - keep])
+            pending, n = [merged.take(perm[n - keep :])], keep
+    if n:
+        merged = SequenceBlock.concat(pending)
+        yield merged.take(rng.permutation(n))
+
+
+def _cut(blocks: Iterator[SequenceBlock], sizes: list[int]) -> Iterator[SequenceBlock]:
+    """Re-cut a stream of blocks into blocks of exactly ``sizes`` rows."""
+    sizes = iter(sizes)
+    want = next(sizes, None)
+    pending, n = [], 0
+    for block in blocks:
+        pending.append(block)
+        n += len(block)
+        while want is not None and n >= want:
+            merged = SequenceBlock.concat(pending)
+            yield merged.slice(0, want)
+            pending, n = [merged.slice(want, n)], n - want
+            want = next(sizes, None)
+    assert want is None and n == 0, f"row count mismatch: {n} rows left, next batch {want}"
