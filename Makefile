@@ -1,0 +1,51 @@
+# feedsr: `make help` lists the targets. Every target installs what is missing first.
+PYTHON_BIN ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.feedsr-installed
+DATA ?= data/synthetic
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test test-slow data kuairand bench-reader clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+# The stamp depends on the files that define the install, so a second `make setup` does nothing.
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/torch-cpu.txt
+	@command -v $(PYTHON_BIN) >/dev/null || { echo "need $(PYTHON_BIN) (set PYTHON_BIN=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned and alone: nothing installed later may swap it for a CUDA build.
+	$(PY) -m pip install -q -r requirements/torch-cpu.txt
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	# torchrec without its declared deps (they name the CUDA fbgemm-gpu wheel).
+	$(PY) -m pip install -q --no-deps torchrec==1.8.0
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import torch, torchrec, fbgemm_gpu; assert not torch.version.cuda, torch.version.cuda"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the pinned CPU stack (fast when already done)
+
+train: $(STAMP) ## the main job: generate synthetic data, train Feed-SR, evaluate on test (AUC/NE vs oracle)
+	$(PY) -m feedsr.train experiment=synthetic_main $(ARGS)
+
+test: $(STAMP) ## run the test suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-slow: $(STAMP) ## run the slow tests too
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+data: $(STAMP) ## generate the synthetic dataset into $(DATA)
+	$(PY) scripts/make_synthetic.py --out $(DATA) --num-members 20000 --seed 0
+
+kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (temporal split)
+	$(PY) scripts/prepare_kuairand.py --src ../shared/data/kuairand --out data/kuairand \
+		--train-end 20220502 --valid-end 20220505
+
+bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
+	$(PY) scripts/bench_reader.py
+
+clean: ## remove generated data and runs (keeps .venv)
+	rm -rf data/synthetic* data/kuairand runs outputs

@@ -1,0 +1,143 @@
+"""The data config (``conf/data/*.yaml``) and the wiring from it to loaders."""
+
+from __future__ import annotations
+
+import fcntl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from feedsr.data.batch import BatchSpec, Collator
+from feedsr.data.reader import ReaderConfig, ReadSpec, SequenceReader, open_files, split_files
+from feedsr.data.schema import CATEGORICAL_PREFIX, DataError
+from feedsr.data.sequences import read_dataset_meta
+from feedsr.data.tasks import Task, build_tasks
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    actions: list[str] = field(default_factory=list)  # empty: the action named like the task
+    group: str = "default"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, what it holds, and how it is batched.
+
+    ``id_tables`` and ``categorical`` give the embedding table size per id feature; ids are taken
+    modulo it. ``generate`` (synthetic data only) makes the dataset on first use when ``path``
+    holds none.
+    """
+
+    name: str = "synthetic"
+    path: str = "data/synthetic"
+    generate: dict | None = None  # kwargs of feedsr.data.synthetic.generate, or null
+    action_names: list[str] = field(default_factory=list)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    id_tables: dict[str, int] = field(default_factory=lambda: {"item_ids": 100_000, "author_ids": 10_000})
+    categorical: dict[str, int] = field(default_factory=dict)  # name (no cat_ prefix) -> table size
+    context: list[str] = field(default_factory=list)  # names (no ctx_ prefix)
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    max_seq_len: int = 256
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    shuffle_buffer: int = 4096
+    session_shuffle: bool = True
+    session_gap_s: int = 1800
+    drop_last: bool = False
+
+    def __post_init__(self):
+        if not self.action_names:
+            raise ValueError("data.action_names is empty")
+        if set(self.id_tables) != {"item_ids", "author_ids"}:
+            raise ValueError(f"data.id_tables needs item_ids and author_ids, got {list(self.id_tables)}")
+        for name, value in [("max_seq_len", self.max_seq_len), ("batch_size", self.batch_size),
+                            ("eval_batch_size", self.eval_batch_size), ("session_gap_s", self.session_gap_s)]:
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        tasks_of(self)  # validates the task list against the action names
+
+
+def tasks_of(cfg: DataConfig) -> list[Task]:
+    return build_tasks([t if isinstance(t, dict) else vars(t) for t in cfg.tasks], cfg.action_names)
+
+
+def ensure_dataset(cfg: DataConfig) -> dict:
+    """The dataset's metadata; generates synthetic data first if configured and missing.
+
+    A file lock makes concurrent ranks wait for the one that generates.
+    """
+    path = Path(cfg.path)
+    meta = read_dataset_meta(path)
+    if meta is None and cfg.generate is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            meta = read_dataset_meta(path)
+            if meta is None:
+                from feedsr.data.synthetic import generate
+
+                print(f"[data] generating synthetic data into {path} ({dict(cfg.generate)})", flush=True)
+                meta = generate(path, max_seq_len=cfg.max_seq_len, **dict(cfg.generate))
+    if meta is None:
+        raise DataError(
+            f"{path}: no dataset.json: not a feedsr dataset (make one with scripts/make_synthetic.py "
+            "or scripts/prepare_kuairand.py, or write the schema in the README yourself)"
+        )
+    if meta.get("action_names") and list(meta["action_names"]) != list(cfg.action_names):
+        raise DataError(
+            f"{path}/dataset.json: action names {meta['action_names']} differ from "
+            f"data.action_names {list(cfg.action_names)}"
+        )
+    return meta
+
+
+def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:
+    """The BatchSpec for this config; true probabilities are used when the dataset has them."""
+    true_probs = tuple(meta.get("true_probs", [])) if meta else ()
+    read = ReadSpec(
+        action_names=tuple(cfg.action_names),
+        categorical=tuple(cfg.categorical),
+        context=tuple(cfg.context),
+        true_probs=true_probs,
+    )
+    sizes = dict(cfg.id_tables) | {CATEGORICAL_PREFIX + k: v for k, v in cfg.categorical.items()}
+    return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_hash_sizes=sizes)
+
+
+def build_loader(
+    cfg: DataConfig,
+    spec: BatchSpec,
+    split: str,
+    train: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A DataLoader over one split for one rank. Training shuffles; evaluation keeps file order."""
+    files = open_files(split_files(cfg.path, split), spec.read)
+    reader_cfg = ReaderConfig(
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        seed=seed,
+        shuffle=train,
+        shuffle_buffer=cfg.shuffle_buffer,
+        max_seq_len=cfg.max_seq_len,
+        session_shuffle=train and cfg.session_shuffle,
+        session_gap_s=cfg.session_gap_s,
+        drop_last=train and cfg.drop_last,
+        rank=rank,
+        world_size=world_size,
+    )
+    reader = SequenceReader(files, spec.read, reader_cfg, collate=Collator(spec))
+    return DataLoader(
+        reader, batch_size=None, num_workers=cfg.num_workers,
+        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+    )
