@@ -51,3 +51,51 @@ def write_files(directory: Path, rows_per_file: list[int], row_group_sizes: list
 def uneven_split(tmp_path) -> Path:
     """A split of 4 files, 203 rows, row groups of 7..50 rows."""
     return write_files(tmp_path / "train", [50, 61, 3, 89], [7, 20, 3, 50])
+
+
+# ------------------------------------------------------------------ model-level helpers
+
+from feedsr.data.batch import Batch, BatchSpec, collate  # noqa: E402
+from feedsr.data.block import SequenceBlock  # noqa: E402
+from feedsr.data.tasks import build_tasks  # noqa: E402
+
+MODEL_TASKS = tuple(build_tasks(
+    [{"name": "click", "group": "passive"}, {"name": "like", "group": "active"},
+     {"name": "share", "group": "active"}], ACTIONS,
+))
+MODEL_SPEC = BatchSpec(SPEC, MODEL_TASKS, {"item_ids": 64, "author_ids": 16, "cat_surface": 4})
+
+
+def make_block(lengths, seed=0, gap_every=None) -> SequenceBlock:
+    """Random rows of the given lengths; every impression is a target.
+
+    Labels follow a learnable rule (click iff the item id is even, like iff the previous item
+    was clicked and the author is even), so a model trained on them must see ids and history.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    items = rng.integers(0, 64, n)
+    authors = rng.integers(0, 16, n)
+    click = (items % 2 == 0).astype(np.int64)
+    prev_click = np.concatenate([[0], click[:-1]])
+    prev_click[np.cumsum(lengths) - lengths] = 0
+    like = prev_click & (authors % 2 == 0)
+    share = (rng.random(n) < 0.1).astype(np.int64)
+    step = 100 if gap_every is None else 100
+    ts = np.concatenate([np.arange(k) * step for k in lengths])
+    if gap_every is not None:  # a new session every `gap_every` impressions
+        ts = ts + np.concatenate([(np.arange(k) // gap_every) * 10_000 for k in lengths])
+    return SequenceBlock(
+        lengths=lengths,
+        rows={"member_id": np.arange(len(lengths)), "num_targets": lengths.copy()},
+        values={
+            "item_ids": items, "author_ids": authors, "timestamps": ts,
+            "positions": rng.integers(-1, 70, n), "action_bits": click | (like << 1) | (share << 2),
+            "cat_surface": rng.integers(0, 3, n), "ctx_age": rng.random(n).astype(np.float32),
+        },
+    )
+
+
+def make_batch(lengths, seed=0, gap_every=None) -> Batch:
+    return collate(make_block(lengths, seed, gap_every), MODEL_SPEC)

@@ -1,0 +1,74 @@
+"""Post tokens from id features: a TorchRec EmbeddingCollection over the batch's KeyedJaggedTensor.
+
+Every id feature (item, author, each categorical) has its own table; a post's token is the
+concatenation of its features' embeddings (plus its context features when they are not late-fused).
+TorchRec's EmbeddingCollection requires one embedding dimension for all of its tables.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+
+def table_name(feature: str) -> str:
+    return f"table_{feature}"
+
+
+class PostEmbedding(nn.Module):
+    """(KJT of N impressions, (N, C) context) -> (N, out_dim) post features.
+
+    Args:
+        tables: id feature -> number of rows (ids arrive already taken modulo this size).
+        embedding_dim: width of every table.
+        context_dim: context features concatenated into the token (0 when they are late-fused).
+        device: where tables are created; ``meta`` defers allocation to DistributedModelParallel.
+    """
+
+    def __init__(self, tables: dict[str, int], embedding_dim: int, context_dim: int = 0, device=None):
+        super().__init__()
+        self.features = list(tables)
+        self.ec = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=table_name(f), embedding_dim=embedding_dim, num_embeddings=n, feature_names=[f]
+                )
+                for f, n in tables.items()
+            ],
+            device=device,
+        )
+        self.context_dim = context_dim
+        self.out_dim = embedding_dim * len(self.features) + context_dim
+
+    def forward(self, sparse: KeyedJaggedTensor, context: torch.Tensor) -> torch.Tensor:
+        looked_up = self.ec(sparse)
+        parts = [looked_up[f].values() for f in self.features]  # each (N, embedding_dim)
+        if self.context_dim:
+            parts.append(context)
+        return torch.cat(parts, dim=-1)
+
+
+class PositionBias(nn.Module):
+    """A learned logit offset per (feed position, task) for the first ``num_positions`` positions.
+
+    Training adds the offset of the position the post was shown at, so the towers need not explain
+    position bias; scoring adds the offset of one fixed position for every candidate (the paper: 5),
+    which keeps predictions calibrated for a slot near the top. Unknown and deeper positions share
+    one extra learned row.
+    """
+
+    def __init__(self, num_positions: int, num_tasks: int, score_position: int):
+        super().__init__()
+        if not 0 <= score_position < num_positions:
+            raise ValueError(f"score_position {score_position} outside [0, {num_positions})")
+        self.num_positions, self.score_position = num_positions, score_position
+        self.offsets = nn.Embedding(num_positions + 1, num_tasks)
+        nn.init.zeros_(self.offsets.weight)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N,) feed positions -> (N, K) offsets."""
+        if not self.training:
+            positions = torch.full_like(positions, self.score_position)
+        known = (positions >= 0) & (positions < self.num_positions)
+        return self.offsets(torch.where(known, positions, self.num_positions))

@@ -1,0 +1,107 @@
+"""Feed-SR: a decoder-only transformer over interleaved post and action tokens.
+
+Per impression t: post token X_t (concatenated id embeddings) and action token A_t (a learned
+linear map of the action multi-hot), interleaved as [X_1, A_1, ..., X_T, A_T]. The prediction for
+t is read at X_t's output: X_t sees every earlier post and action and itself, never A_t (its own
+label). Context features join after the last block (late fusion), then the multi-task head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from feedsr.data.batch import Batch, pad_jagged
+from feedsr.model.config import ModelConfig
+from feedsr.model.embeddings import PositionBias, PostEmbedding
+from feedsr.model.heads import build_head
+from feedsr.model.rope import rope_angles
+from feedsr.model.transformer import Transformer, interleaved_mask
+
+FAR_FUTURE_SESSION = 2**40  # session id of padding: never "earlier" than a real session
+
+
+def session_ids(timestamps: torch.Tensor, mask: torch.Tensor, gap_s: int) -> torch.Tensor:
+    """(B, T) padded timestamps -> (B, T) session index per row (new session after a gap)."""
+    new = torch.zeros_like(mask)
+    new[:, 1:] = (timestamps[:, 1:] - timestamps[:, :-1]) > gap_s
+    sessions = torch.cumsum(new.long(), dim=1)
+    return torch.where(mask, sessions, FAR_FUTURE_SESSION)
+
+
+class FeedSR(nn.Module):
+    """Args:
+        cfg: model config.
+        tables: id feature -> table size (the batch's KJT keys, in order).
+        num_actions: width of the action multi-hot.
+        context_dim: number of context features.
+        task_groups: per task, its gate group index.
+        max_seq_len: longest sequence (for learned absolute positions).
+        device: ``meta`` defers embedding tables to DistributedModelParallel.
+    """
+
+    def __init__(self, cfg: ModelConfig, tables: dict[str, int], num_actions: int, context_dim: int,
+                 task_groups: list[int], max_seq_len: int, device=None):
+        super().__init__()
+        self.cfg = cfg
+        token_context = 0 if cfg.late_fusion else context_dim
+        self.posts = PostEmbedding(tables, cfg.embedding_dim, token_context, device)
+        width = cfg.d_model or self.posts.out_dim
+        cfg.check_width(width)
+        self.input_proj = nn.Linear(self.posts.out_dim, width) if cfg.d_model else nn.Identity()
+        self.action_proj = nn.Linear(num_actions, width)
+        self.abs_positions = nn.Embedding(max_seq_len, width) if cfg.position_encoding == "learned" else None
+        self.transformer = Transformer(width, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
+                                       cfg.attn_dropout, cfg.residual_init)
+        head_in = width + (context_dim if cfg.late_fusion else 0)
+        self.head = build_head(cfg.head, head_in, task_groups)
+        pb = cfg.position_bias
+        self.position_bias = (
+            PositionBias(pb.num_positions, len(task_groups), pb.score_position) if pb.enabled else None
+        )
+
+    def tokens(self, batch: Batch, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interleaved (B, 2T, D) tokens and the (B, T) mask of real impressions."""
+        x = self.input_proj(self.posts(batch.sparse, batch.context))  # (N, D)
+        a = self.action_proj(batch.actions)  # (N, D)
+        x, mask = pad_jagged(x, batch.lengths, max_len)  # (B, T, D)
+        a, _ = pad_jagged(a, batch.lengths, max_len)
+        if self.abs_positions is not None:
+            pos = self.abs_positions.weight[:max_len]  # post and action share the position
+            x, a = x + pos, a + pos
+        return torch.stack([x, a], dim=2).flatten(1, 2), mask  # (B, 2T, D)
+
+    def rotary(self, batch: Batch, mask: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.position_encoding != "rope":
+            return None
+        batch_size, max_len = mask.shape
+        pos = torch.arange(max_len, device=mask.device).repeat_interleave(2)  # X_t, A_t share t
+        pos = pos[None].expand(batch_size, -1)
+        times = None
+        if self.cfg.rope_time:
+            ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
+            hours = (ts - ts[:, :1]).double() / self.cfg.rope_time_unit_s
+            times = hours.float().repeat_interleave(2, dim=1)
+        return rope_angles(pos, self.transformer.blocks[0].attn.head_dim, self.cfg.rope_base, times)
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """(N, D + C) per-impression representation at post positions, context late-fused."""
+        max_len = int(batch.lengths.max())
+        seq, mask = self.tokens(batch, max_len)
+        sessions = None
+        if self.cfg.session_mask:
+            ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
+            sessions = session_ids(ts, mask, self.cfg.session_gap_s)
+        attn_mask = interleaved_mask(batch.lengths, max_len, sessions, self.cfg.use_history)
+        h = self.transformer(seq, self.rotary(batch, mask), attn_mask)  # (B, 2T, D)
+        h = h[:, 0::2][mask]  # (N, D): post positions only, padding dropped
+        if self.cfg.late_fusion:
+            h = torch.cat([h, batch.context], dim=-1)
+        return h
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """(N, K) task logits for every impression of the batch (flat, in the batch's order)."""
+        logits = self.head(self.encode(batch))
+        if self.position_bias is not None:
+            logits = logits + self.position_bias(batch.positions)
+        return logits

@@ -1,0 +1,111 @@
+"""Decoder-only transformer blocks: pre-LayerNorm, causal SDPA attention with RoPE, RescaleAndAdd.
+
+A block is ``x + alpha * f(LN(x))`` twice (attention, then FFN), with ``alpha`` a learnable scalar
+initialised small: the paper found plain residuals unstable and training without pre-LN collapsing
+to AUC 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from feedsr.model.rope import apply_rope
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+    ``temperature`` multiplies the usual 1/sqrt(head_dim) scale; it is a plain attribute so that a
+    trainer (HDET) can vary it without rebuilding the module.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, attn_dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.attn_dropout = attn_dropout
+        self.temperature = 1.0
+
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor | None, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (B, S, D); angles (B, S, Dh/2) or None; attn_mask (B, 1, S, S) bool or None = causal."""
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        y = F.scaled_dot_product_attention(  # (B, H, S, Dh)
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=self.temperature / math.sqrt(self.head_dim),
+        )
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, attn_dropout: float,
+        residual_init: float,
+    ):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, num_heads, attn_dropout)
+        self.ln_ffn = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
+        self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
+
+    def forward(self, x, angles, attn_mask):
+        x = x + self.alpha_attn * self.dropout(self.attn(self.ln_attn(x), angles, attn_mask))
+        return x + self.alpha_ffn * self.dropout(self.ffn(self.ln_ffn(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of decoder blocks and a final LayerNorm (pre-LN stacks need one at the end)."""
+
+    def __init__(self, d_model, num_layers, num_heads, ffn_dim, dropout, attn_dropout, residual_init):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d_model, num_heads, ffn_dim, dropout, attn_dropout, residual_init)
+            for _ in range(num_layers)
+        )
+        self.ln_out = nn.LayerNorm(d_model)
+
+    def forward(self, x, angles=None, attn_mask=None):
+        for block in self.blocks:
+            x = block(x, angles, attn_mask)
+        return self.ln_out(x)
+
+
+def interleaved_mask(
+    lengths: torch.Tensor, max_len: int, session_ids: torch.Tensor | None, history: bool
+) -> torch.Tensor | None:
+    """Attention mask over the interleaved sequence [X_1, A_1, ..., X_T, A_T]; None = plain causal.
+
+    Token s belongs to impression s // 2. Plain causal attention already keeps A_t (the label of
+    t) from X_t and keeps every real token away from the right padding. Two stricter variants:
+
+    - ``session_ids`` (B, T): X_t and A_t see only impressions of earlier sessions, plus X_t.
+      (The alternative to in-session shuffling: the current session is unseen at serving time.)
+    - ``history=False``: X_t sees only itself (the "no history" ablation).
+
+    Returns (B, 1, 2T, 2T) bool, True = may attend.
+    """
+    if session_ids is None and history:
+        return None
+    imp = torch.arange(2 * max_len, device=lengths.device) // 2  # (S,)
+    causal = torch.ones(2 * max_len, 2 * max_len, dtype=torch.bool, device=lengths.device).tril()
+    same_impression = imp[:, None] == imp[None, :]
+    allowed = (causal & same_impression)[None].expand(len(lengths), -1, -1)  # own X (and self)
+    if history:
+        sess = session_ids.repeat_interleave(2, dim=1)  # (B, S)
+        allowed = allowed | (sess[:, None, :] < sess[:, :, None])
+    return allowed[:, None]
