@@ -114,8 +114,6 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
     for k, col in enumerate(spec.true_prob_columns()):
         if col is not None:
             true[:, k] = v[col]
-    target_start = np.repeat(lengths - block.rows["num_targets"], lengths)
-    in_row = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return Batch(
         sparse=sparse,
         lengths=torch.from_numpy(lengths.astype(np.int64)),
@@ -126,7 +124,7 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         actions=torch.from_numpy(actions),
         context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
         labels=torch.from_numpy(task_labels(bits, task_bitmasks(list(spec.tasks), list(spec.read.action_names)))),
-        target_mask=torch.from_numpy(in_row >= target_start),
+        target_mask=torch.from_numpy(block.target_flags()),
         true_probs=torch.from_numpy(true),
     )
 

@@ -62,6 +62,11 @@ class SequenceBlock:
             values={k: v[a:b] for k, v in self.values.items()},
         )
 
+    def target_flags(self) -> np.ndarray:
+        """(N,) bool: impression is in its row's num_targets tail."""
+        in_row = np.arange(int(self.lengths.sum())) - np.repeat(self.offsets[:-1], self.lengths)
+        return in_row >= np.repeat(self.lengths - self.rows["num_targets"], self.lengths)
+
     def truncate(self, max_len: int) -> SequenceBlock:
         """Keep each row's newest ``max_len`` impressions; num_targets shrinks with it."""
         if len(self) == 0 or self.lengths.max() <= max_len:

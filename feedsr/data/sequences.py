@@ -97,6 +97,12 @@ def write_split(
     ``log`` holds flat per-impression arrays sorted by (member_id, timestamp), including
     ``member_id`` and ``timestamps``.
     """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if len(log["member_id"]) == 0:
+        raise ValueError(f"split '{split.name}': the impression log is empty")
+    # dataset.json marks a complete dataset: drop a stale one before rewriting any split.
+    (out_dir / DATASET_META).unlink(missing_ok=True)
     member, ts = log["member_id"], log["timestamps"]
     bounds = np.flatnonzero(np.diff(member)) + 1
     m_starts = np.concatenate([[0], bounds]).astype(np.int64)
@@ -139,14 +145,18 @@ def read_dataset_meta(data_dir: str | Path) -> dict | None:
 
 
 def check_log(log: dict[str, np.ndarray]) -> None:
-    """Internal invariants of a flat log before it is split (programming errors, not user input)."""
-    n = len(log["member_id"])
-    for name in PER_IMPRESSION_COLUMNS:
-        assert name in log, f"log lacks '{name}'"
+    """Check a flat log before anything is written; ValueError naming the bad column."""
+    n = len(log.get("member_id", ()))
+    for name in ("member_id",) + PER_IMPRESSION_COLUMNS:
+        if name not in log:
+            raise ValueError(f"log lacks column '{name}'")
     for name, values in log.items():
-        assert len(values) == n, f"log column '{name}' has {len(values)} values, expected {n}"
-    order_ok = np.all(
-        (np.diff(log["member_id"]) > 0)
-        | ((np.diff(log["member_id"]) == 0) & (np.diff(log["timestamps"]) >= 0))
-    )
-    assert order_ok, "log must be sorted by (member_id, timestamps)"
+        kind = column_kind(name)
+        if name != "member_id" and (kind is None or not kind[1]):
+            raise ValueError(f"log column '{name}' is not a per-impression feedsr column")
+        if len(values) != n:
+            raise ValueError(f"log column '{name}' has {len(values)} values, expected {n}")
+    member, ts = log["member_id"], log["timestamps"]
+    same_member = np.diff(member) == 0
+    if not np.all((np.diff(member) > 0) | (same_member & (np.diff(ts) >= 0))):
+        raise ValueError("log must be sorted by (member_id, timestamps)")
