@@ -114,7 +114,7 @@ def write_split(
     starts, ends, targets = split_windows(m_starts, first_target, hist_end, max_seq_len)
     split_dir = out_dir / split.name
     split_dir.mkdir(parents=True, exist_ok=True)
-    for old in split_dir.glob("part-*.parquet"):
+    for old in split_dir.glob("part-*.parquet*"):  # .tmp leftovers of a crashed write too
         old.unlink()
     order = np.argsort(starts, kind="stable")  # member order, oldest window first
     starts, ends, targets = starts[order], ends[order], targets[order]

@@ -1,0 +1,630 @@
+"""Synthetic impression logs with a known ground truth.
+
+A ranker is only testable end to end on data where the right answer is known. This generator
+draws every action from an explicit latent model and writes the true probabilities beside the
+labels, so evaluation can put the oracle AUC next to the model's, and so the effects a Feed-SR
+model is supposed to exploit (member history, position bias, drift over time) are planted on
+purpose and can be measured.
+
+The model, for an impression of post p (by author a) to member m at feed position k on surface s
+at time t, and for each action:
+
+    interest  = affinity_scale * (u_m . v_p) + seq_scale * (h_m . v_p)
+    logit     = bias + weight * interest + quality_p + type_effect[type_p]
+                + surface_effect[s] - age_weight * log1p(post age in hours)
+                + trend * (t - start) / window
+    P(action) = (1 + k) ** -position_exponent * sigmoid(logit)
+
+u_m and v_p are unit topic vectors (v_p = the author's vector plus noise). h_m is the member's
+engagement state: the sum of the vectors of the posts m clicked or liked earlier, each multiplied
+by ``seq_decay`` per impression since. It is the sequential signal: only a model that reads the
+member's recent actions can know it. The decay counts impressions, not seconds, so part of the
+state outlives a session (0.8 ** 6 ~ 0.26 after a mean-length session): a model that hides the
+current session (SPEC 3, in-session leakage) still finds signal in the earlier ones. Actions are
+drawn independently given these probabilities, so ``true_<action>`` is exactly the probability
+each label was drawn with; tasks are correlated through the shared interest term.
+
+Members have lognormal numbers of impressions grouped into sessions (seconds apart inside a
+session, at least ``min_session_gap_s`` between sessions) over a window of ``num_days`` days.
+The log is split by time into train/valid/test and written with ``feedsr.data.sequences``; the
+latent vectors go to ``latents.npz`` so tests can recompute similarities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX
+from feedsr.data.sequences import (
+    DATASET_META,
+    Split,
+    check_log,
+    write_dataset_meta,
+    write_split,
+)
+
+ACTION_NAMES = ("click", "long_view", "like", "comment", "share")
+CONTEXT_NAMES = ("post_quality", "post_age", "author_affinity")
+LATENTS_FILE = "latents.npz"
+DAY_S = 86_400
+# Engagements that feed the member's sequential state (clicks and likes, per the model above).
+_STATE_ACTIONS = ("click", "like")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
+@dataclass
+class SyntheticConfig:
+    """The generator's knobs. With every default, the base rates come out near click 0.29,
+    long_view 0.18, like 0.045, comment 0.010, share 0.006 (the biases were fitted to that by
+    measurement; changing other knobs, seq_scale above all, moves the rates).
+
+    Catalog:
+        dim: size of the latent topic vectors.
+        posts_per_member: posts in the catalog per member.
+        members_per_author: members per author; at least ``min_authors`` authors.
+        author_noise: spread of a post's vector around its author's (0 = identical topics).
+        num_post_types: cardinality of ``cat_post_type``.
+        post_type_scale: std of the per (post type, action) logit offsets.
+        quality_sigma: std of the posts' intrinsic quality (a logit offset).
+        quality_obs_noise: std of the noise on ``ctx_post_quality``, the observed quality.
+        post_history_days: posts exist from this many days before the window start.
+    Members and feed:
+        impressions_mean, impressions_sigma: lognormal impressions per member (mean, log-std),
+            clipped to [min_impressions, max_impressions].
+        session_mean_len: mean impressions per session (geometric).
+        within_gap_mean_s, max_within_gap_s: seconds between impressions inside a session.
+        min_session_gap_s: least quiet time between two sessions of a member.
+        follows, follow_prob: each member follows ``follows`` authors near their interests, and
+            this share of their impressions comes from those authors.
+        recency_hours: mean age of the posts the feed shows.
+        surface_probs, surface_effects: share and logit offset of each surface (``cat_surface``).
+    Actions:
+        action_biases, action_weights: per action (in ACTION_NAMES order), the logit bias and the
+            weight of the shared interest term.
+        affinity_scale: weight of the static member-post affinity in the interest.
+        seq_scale: weight of the sequential state in the interest (0 switches it off).
+        seq_decay: per-impression decay of the sequential state, in [0, 1).
+        position_exponent: exposure = (1 + position) ** -position_exponent.
+        age_weight: logit penalty per unit of log1p(post age in hours).
+        trend: logit change from the window's start to its end (engagement drift).
+    Time and split:
+        start_time: window start, seconds since the epoch (default 2026-01-01 00:00 UTC).
+        num_days: window length; the last ``test_days`` are test, the ``valid_days`` before them
+            valid, the rest train.
+    """
+
+    dim: int = 8
+    posts_per_member: float = 3.0
+    members_per_author: float = 10.0
+    min_authors: int = 20
+    author_noise: float = 0.5
+    num_post_types: int = 8
+    post_type_scale: float = 0.3
+    quality_sigma: float = 0.5
+    quality_obs_noise: float = 0.3
+    post_history_days: float = 7.0
+    impressions_mean: float = 40.0
+    impressions_sigma: float = 1.0
+    min_impressions: int = 5
+    max_impressions: int = 300
+    session_mean_len: float = 6.0
+    within_gap_mean_s: float = 30.0
+    max_within_gap_s: int = 600
+    min_session_gap_s: int = 3600
+    follows: int = 8
+    follow_prob: float = 0.4
+    recency_hours: float = 24.0
+    surface_probs: tuple[float, ...] = (0.6, 0.25, 0.15)
+    surface_effects: tuple[float, ...] = (0.0, -0.4, 0.3)
+    action_biases: tuple[float, ...] = (0.3, -0.8, -3.65, -5.45, -5.6)
+    action_weights: tuple[float, ...] = (1.0, 1.0, 1.3, 1.2, 1.0)
+    affinity_scale: float = 2.0
+    seq_scale: float = 2.5
+    seq_decay: float = 0.8
+    position_exponent: float = 0.5
+    age_weight: float = 0.1
+    trend: float = -0.3
+    start_time: int = 1_767_225_600
+    num_days: int = 30
+    valid_days: int = 3
+    test_days: int = 3
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_positive()
+        self._check_ranges()
+        self._check_lengths()
+
+    def _check_types(self) -> None:
+        """Numbers must be numbers (a config from a command line may carry strings); sequences
+        become tuples of floats, so a config read back from dataset.json equals the original."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type.startswith("tuple"):
+                if not isinstance(value, (list, tuple)) or not all(map(_is_real, value)):
+                    raise ValueError(f"synthetic.{f.name} must be a list of numbers, got {value!r}")
+                setattr(self, f.name, tuple(float(v) for v in value))
+            elif not (_is_int(value) if f.type == "int" else _is_real(value)):
+                raise ValueError(f"synthetic.{f.name} must be {f.type}, got {value!r}")
+
+    def _check_positive(self) -> None:
+        for name in (
+            "dim", "posts_per_member", "members_per_author", "min_authors", "num_post_types",
+            "impressions_mean", "min_impressions", "session_mean_len", "within_gap_mean_s",
+            "max_within_gap_s", "follows", "recency_hours", "num_days", "valid_days", "test_days",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"synthetic.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in (
+            "author_noise", "post_type_scale", "quality_sigma", "quality_obs_noise",
+            "post_history_days", "impressions_sigma", "min_session_gap_s", "affinity_scale",
+            "seq_scale", "position_exponent", "age_weight", "start_time",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def _check_ranges(self) -> None:
+        if not 0 <= self.seq_decay < 1:
+            raise ValueError(f"synthetic.seq_decay must be in [0, 1), got {self.seq_decay!r}")
+        if not 0 <= self.follow_prob <= 1:
+            raise ValueError(f"synthetic.follow_prob must be in [0, 1], got {self.follow_prob!r}")
+        if self.max_impressions < self.min_impressions:
+            raise ValueError(
+                f"synthetic.max_impressions ({self.max_impressions}) must be >= "
+                f"min_impressions ({self.min_impressions})"
+            )
+        if self.valid_days + self.test_days >= self.num_days:
+            raise ValueError(
+                f"synthetic.valid_days + test_days ({self.valid_days} + {self.test_days}) must "
+                f"leave training days in num_days ({self.num_days})"
+            )
+        # Session placement reserves every impression's gap and a session gap before each one;
+        # the heaviest member must still fit in the window.
+        reserved = self.max_impressions * (self.max_within_gap_s + self.min_session_gap_s)
+        if reserved >= self.num_days * DAY_S:
+            raise ValueError(
+                f"synthetic: {self.max_impressions} impressions with gaps up to "
+                f"{self.max_within_gap_s}s + {self.min_session_gap_s}s do not fit in "
+                f"num_days={self.num_days}"
+            )
+
+    def _check_lengths(self) -> None:
+        for name in ("action_biases", "action_weights"):
+            if len(getattr(self, name)) != len(ACTION_NAMES):
+                raise ValueError(
+                    f"synthetic.{name} needs one value per action {list(ACTION_NAMES)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if len(self.surface_effects) != len(self.surface_probs):
+            raise ValueError(
+                f"synthetic.surface_effects {self.surface_effects!r} needs one value per "
+                f"surface in surface_probs {self.surface_probs!r}"
+            )
+        probs = np.asarray(self.surface_probs)
+        if np.any(probs < 0) or not math.isclose(probs.sum(), 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"synthetic.surface_probs must be >= 0 and sum to 1, got {self.surface_probs!r}"
+            )
+
+    @property
+    def window_s(self) -> int:
+        return self.num_days * DAY_S
+
+
+@dataclass
+class _Catalog:
+    """Authors and posts. Post ids are in creation order."""
+
+    author_vec: np.ndarray  # (authors, dim) unit vectors
+    post_author: np.ndarray  # (posts,)
+    post_vec: np.ndarray  # (posts, dim) unit vectors
+    post_quality: np.ndarray  # (posts,) intrinsic quality, a logit offset
+    post_quality_obs: np.ndarray  # (posts,) what ctx_post_quality shows
+    post_type: np.ndarray  # (posts,)
+    post_created: np.ndarray  # (posts,) seconds, ascending
+    type_effect: np.ndarray  # (post types, actions) logit offsets
+
+
+@dataclass
+class _Timeline:
+    """Every impression's when and where, member-major and time-sorted within a member."""
+
+    counts: np.ndarray  # (members,) impressions per member
+    member: np.ndarray  # (n,)
+    timestamps: np.ndarray  # (n,) int seconds, strictly increasing within a member
+    positions: np.ndarray  # (n,) index within the session
+    surfaces: np.ndarray  # (n,)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _segment_cumsum(values: np.ndarray, starts: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Exclusive cumulative sum of ``values`` within segments (``seg`` = segment of each value,
+    ``starts`` = first index of each segment)."""
+    total = np.cumsum(values) - values
+    return total - total[starts][seg]
+
+
+def _make_catalog(rng: np.random.Generator, cfg: SyntheticConfig, num_members: int) -> _Catalog:
+    num_authors = max(cfg.min_authors, round(num_members / cfg.members_per_author))
+    num_posts = max(1, round(num_members * cfg.posts_per_member))
+    author_vec = _unit(rng.standard_normal((num_authors, cfg.dim)))
+    # A few prolific authors write most posts, as on a real feed.
+    activity = rng.lognormal(0.0, 1.0, num_authors)
+    post_author = rng.choice(num_authors, size=num_posts, p=activity / activity.sum())
+    noise = rng.standard_normal((num_posts, cfg.dim)) * (cfg.author_noise / math.sqrt(cfg.dim))
+    post_vec = _unit(author_vec[post_author] + noise)
+    quality = rng.normal(0.0, cfg.quality_sigma, num_posts)
+    quality_obs = quality + rng.normal(0.0, cfg.quality_obs_noise, num_posts)
+    post_type = rng.integers(cfg.num_post_types, size=num_posts)
+    first = cfg.start_time - round(cfg.post_history_days * DAY_S)
+    created = np.sort(rng.integers(first, cfg.start_time + cfg.window_s, size=num_posts))
+    # Pin the oldest post to the earliest time the feed can ask for, so every lookup finds one.
+    created[0] = first
+    type_effect = rng.normal(0.0, cfg.post_type_scale, (cfg.num_post_types, len(ACTION_NAMES)))
+    type_effect -= type_effect.mean(axis=0)  # centred, so base rates do not drift with the seed
+    return _Catalog(
+        author_vec, post_author, post_vec, quality, quality_obs, post_type, created, type_effect
+    )
+
+
+def _make_members(
+    rng: np.random.Generator, cfg: SyntheticConfig, num_members: int, catalog: _Catalog
+) -> tuple[np.ndarray, np.ndarray]:
+    """(member vectors (members, dim), followed authors (members, follows)).
+
+    Each member follows the authors closest to their interests among a random shortlist, with
+    Gumbel noise so follows are not purely topical.
+    """
+    member_vec = _unit(rng.standard_normal((num_members, cfg.dim)))
+    num_authors = len(catalog.author_vec)
+    shortlist = rng.integers(num_authors, size=(num_members, max(4 * cfg.follows, 32)))
+    score = 3.0 * np.einsum("md,mkd->mk", member_vec, catalog.author_vec[shortlist])
+    score += rng.gumbel(size=score.shape)
+    best = np.argsort(-score, axis=1, kind="stable")[:, : cfg.follows]
+    return member_vec, np.take_along_axis(shortlist, best, axis=1)
+
+
+def _impression_counts(rng: np.random.Generator, cfg: SyntheticConfig, n: int) -> np.ndarray:
+    # Lognormal with the configured mean: mu = log(mean) - sigma^2 / 2.
+    mu = math.log(cfg.impressions_mean) - cfg.impressions_sigma**2 / 2
+    counts = np.rint(rng.lognormal(mu, cfg.impressions_sigma, n))
+    return np.clip(counts, cfg.min_impressions, cfg.max_impressions).astype(np.int64)
+
+
+def _make_timeline(rng: np.random.Generator, cfg: SyntheticConfig, num_members: int) -> _Timeline:
+    counts = _impression_counts(rng, cfg, num_members)
+    n = int(counts.sum())
+    member = np.repeat(np.arange(num_members), counts)
+    member_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+    # Sessions: geometric lengths, and every member's first impression opens one.
+    new_session = rng.random(n) < 1.0 / cfg.session_mean_len
+    new_session[member_start] = True
+    session = np.cumsum(new_session) - 1
+    session_start = np.flatnonzero(new_session)
+    positions = np.arange(n) - session_start[session]
+
+    # Seconds after the session's start: integer gaps >= 1 s keep timestamps strictly increasing.
+    gaps = 1 + np.floor(rng.exponential(cfg.within_gap_mean_s, n))
+    gaps = np.minimum(gaps, cfg.max_within_gap_s).astype(np.int64)
+    gaps[session_start] = 0
+    in_session = _segment_cumsum(gaps, session_start, session) + gaps
+
+    # Place sessions: reserve each session's duration plus the minimum gap before the next one,
+    # and spread the member's sessions uniformly over what is left of the window.
+    duration = np.add.reduceat(gaps, session_start)
+    s_member = member[session_start]
+    s_first = np.concatenate([[0], np.flatnonzero(np.diff(s_member)) + 1])
+    reserved = duration + cfg.min_session_gap_s
+    # Every member has a session, so a session's member id is also its segment index.
+    reserved_before = _segment_cumsum(reserved, s_first, s_member)
+    free = cfg.window_s - np.add.reduceat(reserved, s_first)
+    # Sorting member + U[0,1) sorts the uniforms within each member.
+    spread = np.sort(s_member + rng.random(len(s_member))) - s_member
+    s_time = cfg.start_time + np.floor(spread * free[s_member]).astype(np.int64) + reserved_before
+    surfaces = rng.choice(len(cfg.surface_probs), size=len(s_member), p=cfg.surface_probs)
+    return _Timeline(counts, member, s_time[session] + in_session, positions, surfaces[session])
+
+
+def _latest_by_author(catalog: _Catalog, author: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per query, the newest post by ``author`` created at or before ``before``; -1 if none."""
+    created = catalog.post_created - catalog.post_created[0]
+    span = int(created[-1]) + 1
+    # Post ids are in creation order, so a stable sort by author sorts by (author, creation) and
+    # author * span + creation is an increasing key. Clipping a query to the newest post's time
+    # keeps it inside its author's key range and changes no answer.
+    by_author = np.argsort(catalog.post_author, kind="stable")
+    keys = catalog.post_author[by_author] * span + created[by_author]
+    query = author * span + np.minimum(before - catalog.post_created[0], span - 1)
+    j = np.searchsorted(keys, query, side="right") - 1
+    candidate = by_author[np.maximum(j, 0)]
+    return np.where((j >= 0) & (catalog.post_author[candidate] == author), candidate, -1)
+
+
+def _pick_posts(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    timeline: _Timeline,
+    follows: np.ndarray,
+    catalog: _Catalog,
+) -> np.ndarray:
+    """The post of every impression: a recent post from the whole catalog, or (with probability
+    ``follow_prob``) a recent post by one of the member's followed authors. Never a post created
+    after the impression."""
+    n = len(timeline.member)
+
+    def recent_time() -> np.ndarray:
+        # The feed favours fresh posts: look for one created about an exponential age ago, but
+        # no earlier than the oldest post, so the catalog-wide lookup always finds one.
+        age = np.rint(rng.exponential(cfg.recency_hours * 3600, n)).astype(np.int64)
+        return np.maximum(timeline.timestamps - age, catalog.post_created[0])
+
+    anywhere = np.searchsorted(catalog.post_created, recent_time(), side="right") - 1
+    author = follows[timeline.member, rng.integers(follows.shape[1], size=n)]
+    followed = _latest_by_author(catalog, author, recent_time())
+    use_followed = (rng.random(n) < cfg.follow_prob) & (followed >= 0)
+    return np.where(use_followed, followed, anywhere)
+
+
+def _age_hours(timeline: _Timeline, catalog: _Catalog, posts: np.ndarray) -> np.ndarray:
+    return (timeline.timestamps - catalog.post_created[posts]) / 3600.0
+
+
+def _static_logits(
+    cfg: SyntheticConfig,
+    timeline: _Timeline,
+    member_vec: np.ndarray,
+    catalog: _Catalog,
+    posts: np.ndarray,
+) -> np.ndarray:
+    """(n, actions) logits without the sequential term, which needs the drawn history."""
+    affinity = cfg.affinity_scale * np.einsum(
+        "nd,nd->n", member_vec[timeline.member], catalog.post_vec[posts]
+    )
+    per_impression = (
+        catalog.post_quality[posts]
+        + np.asarray(cfg.surface_effects)[timeline.surfaces]
+        - cfg.age_weight * np.log1p(_age_hours(timeline, catalog, posts))
+        + cfg.trend * (timeline.timestamps - cfg.start_time) / cfg.window_s
+    )
+    return (
+        np.asarray(cfg.action_biases)
+        + np.asarray(cfg.action_weights) * affinity[:, None]
+        + catalog.type_effect[catalog.post_type[posts]]
+        + per_impression[:, None]
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _step_major(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, active): ``order`` lists the member-major impressions by (index t within the
+    member, member by descending count), and ``active[t]`` is how many members have a t-th
+    impression. Step t is then the contiguous slice of ``order`` of length active[t], and its
+    members are always the first active[t] of the same member ranking."""
+    by_count = np.argsort(-counts, kind="stable")
+    active = np.searchsorted(-counts[by_count], -np.arange(counts.max()), side="left")
+    member_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranked_start = member_start[by_count]
+    step = np.repeat(np.arange(len(active)), active)
+    rank = np.arange(len(step)) - np.repeat(np.cumsum(active) - active, active)
+    return ranked_start[rank] + step, active
+
+
+def _draw_actions(
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    timeline: _Timeline,
+    impression_vec: np.ndarray,
+    static: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true probabilities (n, actions), drawn actions (n, actions) bool).
+
+    The sequential state makes a member's impression t depend on the actions drawn before it, so
+    this walks t, advancing every member that has a t-th impression at once. Arrays are put in
+    step-major order first so that each step works on contiguous slices.
+    """
+    n, num_actions = static.shape
+    uniforms = rng.random((n, num_actions))  # drawn up front: results do not depend on the walk
+    order, active = _step_major(timeline.counts)
+    exposure = ((1.0 + timeline.positions) ** -cfg.position_exponent)[order, None]
+    static, vecs, engage_u = static[order], impression_vec[order], uniforms[order]
+    weights = np.asarray(cfg.action_weights)
+    engaging = [ACTION_NAMES.index(a) for a in _STATE_ACTIONS]
+    probs = np.empty((n, num_actions))
+    state = np.zeros((len(timeline.counts), impression_vec.shape[1]))  # members by rank
+    lo = 0
+    for num_active in active:
+        hi = lo + num_active
+        v = vecs[lo:hi]
+        seq = cfg.seq_scale * np.einsum("md,md->m", state[:num_active], v)
+        p = exposure[lo:hi] * _sigmoid(static[lo:hi] + weights * seq[:, None])
+        probs[lo:hi] = p
+        engaged = (engage_u[lo:hi, engaging] < p[:, engaging]).any(axis=1)
+        state[:num_active] *= cfg.seq_decay
+        state[:num_active] += engaged[:, None] * v
+        lo = hi
+    member_major = np.empty_like(probs)
+    member_major[order] = probs
+    return member_major, uniforms < member_major
+
+
+def _earlier_clicks(member: np.ndarray, author: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+    """Per impression, the member's clicks on the same author in strictly earlier impressions.
+
+    The log is time-sorted within a member, so a stable sort by (member, author) keeps time order
+    inside each pair and an exclusive cumulative sum counts only the past.
+    """
+    key = member * (int(author.max()) + 1) + author
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])
+    starts, group = np.flatnonzero(first), np.cumsum(first) - 1
+    counts = np.empty(len(key), dtype=np.int64)
+    counts[order] = _segment_cumsum(clicks[order].astype(np.int64), starts, group)
+    return counts
+
+
+def _action_bits(actions: np.ndarray) -> np.ndarray:
+    return (actions.astype(np.int64) << np.arange(actions.shape[1], dtype=np.int64)).sum(axis=1)
+
+
+def _build_log(
+    timeline: _Timeline,
+    catalog: _Catalog,
+    posts: np.ndarray,
+    probs: np.ndarray,
+    actions: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The flat per-impression log that ``write_split`` takes."""
+    authors = catalog.post_author[posts]
+    clicks = actions[:, ACTION_NAMES.index("click")]
+    log = {
+        "member_id": timeline.member,
+        "item_ids": posts,
+        "author_ids": authors,
+        "timestamps": timeline.timestamps,
+        "positions": timeline.positions,
+        "action_bits": _action_bits(actions),
+        CATEGORICAL_PREFIX + "post_type": catalog.post_type[posts],
+        CATEGORICAL_PREFIX + "surface": timeline.surfaces,
+        CONTEXT_PREFIX + "post_quality": catalog.post_quality_obs[posts].astype(np.float32),
+        CONTEXT_PREFIX + "post_age": np.log1p(_age_hours(timeline, catalog, posts)).astype(
+            np.float32
+        ),
+        CONTEXT_PREFIX + "author_affinity": np.log1p(
+            _earlier_clicks(timeline.member, authors, clicks)
+        ).astype(np.float32),
+    }
+    for i, name in enumerate(ACTION_NAMES):
+        log[TRUE_PROB_PREFIX + name] = probs[:, i].astype(np.float32)
+    return log
+
+
+def _splits(cfg: SyntheticConfig) -> list[Split]:
+    """train / valid / test by whole days, oldest first."""
+    train_days = cfg.num_days - cfg.valid_days - cfg.test_days
+    bounds = np.cumsum([0, train_days, cfg.valid_days, cfg.test_days]) * DAY_S + cfg.start_time
+    names = ("train", "valid", "test")
+    return [Split(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(names)]
+
+
+def _make_config(params: dict) -> SyntheticConfig:
+    known = {f.name for f in fields(SyntheticConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown synthetic parameter(s) {unknown}; known: {sorted(known)}")
+    return SyntheticConfig(**params)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def generate(
+    out_dir: str | Path, num_members: int, seed: int, max_seq_len: int = 256, **params
+) -> dict:
+    """Generate a synthetic dataset under ``out_dir`` and return its metadata.
+
+    Writes ``out_dir/{train,valid,test}/part-*.parquet`` (sequence rows, see
+    ``feedsr.data.sequences``), ``out_dir/latents.npz`` (the latent vectors and post attributes,
+    for checks) and ``out_dir/dataset.json`` last. ``params`` are ``SyntheticConfig`` fields.
+    The same arguments always give the same tables.
+    """
+    num_members = _check_int("num_members", num_members, 1)
+    seed = _check_int("seed", seed, 0)
+    max_seq_len = _check_int("max_seq_len", max_seq_len, 1)
+    cfg = _make_config(params)
+    rng = np.random.default_rng(seed)
+
+    catalog = _make_catalog(rng, cfg, num_members)
+    member_vec, follows = _make_members(rng, cfg, num_members, catalog)
+    timeline = _make_timeline(rng, cfg, num_members)
+    posts = _pick_posts(rng, cfg, timeline, follows, catalog)
+    static = _static_logits(cfg, timeline, member_vec, catalog, posts)
+    probs, actions = _draw_actions(rng, cfg, timeline, catalog.post_vec[posts], static)
+    log = _build_log(timeline, catalog, posts, probs, actions)
+    check_log(log)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # dataset.json marks a complete dataset: drop an old one before overwriting its files.
+    (out_dir / DATASET_META).unlink(missing_ok=True)
+    np.savez(
+        out_dir / LATENTS_FILE,
+        member_vec=member_vec,
+        author_vec=catalog.author_vec,
+        post_vec=catalog.post_vec,
+        post_author=catalog.post_author,
+        post_quality=catalog.post_quality,
+        post_type=catalog.post_type,
+        post_created=catalog.post_created,
+        type_effect=catalog.type_effect,
+        follows=follows,
+    )
+    split_counts = {
+        split.name: write_split(out_dir, log, split, list(ACTION_NAMES), max_seq_len)
+        for split in _splits(cfg)
+    }
+    meta = {
+        "source": "synthetic",
+        "action_names": list(ACTION_NAMES),
+        "categorical": {"post_type": cfg.num_post_types, "surface": len(cfg.surface_probs)},
+        "context": list(CONTEXT_NAMES),
+        "true_probs": list(ACTION_NAMES),
+        "num_members": num_members,
+        "num_items": len(catalog.post_vec),
+        "num_authors": len(catalog.author_vec),
+        "seed": seed,
+        # Lists, not tuples, so the returned dict equals dataset.json once read back.
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "max_seq_len": max_seq_len,
+        "latents": LATENTS_FILE,
+        "splits": split_counts,
+    }
+    write_dataset_meta(out_dir, meta)
+    return meta
+
+
+def load_targets(data_dir: str | Path, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+    """The target impressions of one split as flat arrays, one per requested column.
+
+    Per-impression columns give their target values; ``member_id`` is repeated per target. Reads
+    the whole split into memory: meant for checking generated data, not for training.
+    """
+    files = sorted(Path(data_dir, split).glob("part-*.parquet"))
+    if not files:
+        raise ValueError(f"no part-*.parquet files under {Path(data_dir, split)}")
+    table = pq.read_table(files, columns=list(dict.fromkeys(["item_ids", "num_targets", *columns])))
+    lengths = pc.list_value_length(table["item_ids"]).to_numpy()
+    num_targets = table["num_targets"].to_numpy()
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    index_in_row = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    is_target = index_in_row >= (lengths - num_targets)[row]
+    out = {}
+    for name in columns:
+        if name == "member_id":
+            out[name] = np.repeat(table[name].to_numpy(), num_targets)
+        else:
+            out[name] = pc.list_flatten(table[name]).to_numpy()[is_target]
+    return out
