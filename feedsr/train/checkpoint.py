@@ -1,0 +1,136 @@
+"""Checkpoints: ``<run>/checkpoints/step-N/`` folders that are complete only once marked so.
+
+Layout of one checkpoint:
+
+    step-N/sharded/        torch.distributed.checkpoint: model (sharded tables included) and the
+                           fused sparse optimizer's state; written collectively by all ranks
+    step-N/rank-R.pt       per rank: dense optimizer, step, data position, RNG states, trainer state
+    step-N/COMPLETE        written last, by rank 0, after every rank finished: a folder without it
+                           (a save interrupted by a kill) is never loaded and is cleaned up later
+
+Resuming needs the same world size (each rank reloads its own rank-R.pt; the sharded part could be
+resharded by DCP, but the data position and RNG streams are per rank). Loading only the weights
+(evaluation, ``trainer.init_from``) works from any world size.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from feedsr.train.distributed import DistContext
+
+COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = [p for _, p in _step_dirs(checkpoint_root(run_dir)) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sharded_state(model, sparse_optimizer) -> dict:
+    """The collectively saved part; the same structure is the target of a load."""
+    state = {"model": model.state_dict()}
+    if sparse_optimizer is not None:
+        state["sparse_optimizer"] = sparse_optimizer.state_dict()
+    return state
+
+
+def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_state: dict,
+                    ctx: DistContext, keep: int) -> Path:
+    """Save collectively; mark complete only after every rank wrote; keep the newest ``keep``."""
+    path = checkpoint_root(run_dir) / f"step-{step}"
+    if ctx.is_main and path.exists():  # a leftover of an interrupted save of this same step
+        shutil.rmtree(path)
+    dist.barrier()
+    dcp.save(sharded_state(model, sparse_optimizer), checkpoint_id=path / "sharded")
+    tmp = path / f"rank-{ctx.rank}.pt.tmp"
+    torch.save(rank_state | {"rank": ctx.rank, "world_size": ctx.world_size, "rng": rng_state()}, tmp)
+    os.replace(tmp, path / f"rank-{ctx.rank}.pt")
+    dist.barrier()
+    if ctx.is_main:
+        marker = path / (COMPLETE + ".tmp")
+        marker.write_text(f"step {step}, world size {ctx.world_size}\n")
+        os.replace(marker, path / COMPLETE)
+        prune(checkpoint_root(run_dir), keep)
+    dist.barrier()
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than them."""
+    dirs = _step_dirs(root)
+    complete = [s for s, p in dirs if is_complete(p)]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    newest = complete[-1]
+    for step, p in dirs:
+        if step not in kept and (is_complete(p) or step < newest):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_sharded(path: Path, model, sparse_optimizer) -> None:
+    """Load model weights (and the sparse optimizer if given) from a complete checkpoint."""
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    state = sharded_state(model, sparse_optimizer)
+    dcp.load(state, checkpoint_id=path / "sharded")
+    model.load_state_dict(state["model"])
+    if sparse_optimizer is not None:
+        sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+
+
+def load_rank_state(path: Path, ctx: DistContext) -> dict:
+    """This rank's own state (never another rank's: HDET multipliers and RNGs are per rank)."""
+    file = Path(path) / f"rank-{ctx.rank}.pt"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} missing: a checkpoint can only be resumed with the world size it was saved "
+            f"with (this run has {ctx.world_size} ranks)"
+        )
+    state = torch.load(file, weights_only=False)
+    if state["world_size"] != ctx.world_size:
+        raise ValueError(
+            f"{path} was saved by {state['world_size']} ranks, this run has {ctx.world_size}; "
+            "resuming needs the same world size (use trainer.init_from to warm-start instead)"
+        )
+    return state

@@ -1,0 +1,109 @@
+"""The whole run's config: one dataclass per group, merged over the composed Hydra config.
+
+Merging the composed YAML into these typed dataclasses is what makes an unknown key or a wrong type
+fail at start, with OmegaConf naming the full key; ``__post_init__`` methods check values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from feedsr.data.config import DataConfig, TaskConfig
+from feedsr.model.config import ModelConfig
+from feedsr.train.loss import LossConfig
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam (dense parameters)
+    lr: float = 1e-3  # peak learning rate of the schedule
+    weight_decay: float = 0.01  # not applied to norms, biases, scalars, position tables
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global norm of dense gradients; 0 = off
+    schedule: str = "onecycle"  # onecycle | constant
+    warmup_pct: float = 0.1  # OneCycle: share of steps rising to the peak
+    div_factor: float = 25.0  # OneCycle: start = peak / div_factor
+    final_div_factor: float = 1e3  # OneCycle: end = start / final_div_factor
+    sparse: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused, in backward)
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "adam"):
+            raise ValueError(f"optimizer.name must be adamw or adam, got '{self.name}'")
+        if self.schedule not in ("onecycle", "constant"):
+            raise ValueError(f"optimizer.schedule must be onecycle or constant, got '{self.schedule}'")
+        if self.sparse not in ("rowwise_adagrad", "adagrad", "sgd"):
+            raise ValueError(f"optimizer.sparse must be rowwise_adagrad, adagrad or sgd, got '{self.sparse}'")
+        if self.lr <= 0 or self.sparse_lr <= 0:
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, sparse_lr={self.sparse_lr}")
+        if not 0 <= self.warmup_pct < 1:
+            raise ValueError(f"optimizer.warmup_pct must be in [0, 1), got {self.warmup_pct}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    log_every: int = 50
+    val_every: int = 0  # 0: validate only at the end
+    val_max_batches: int | None = None  # cap on validation batches (None: the whole split)
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    init_from: str | None = None  # warm start: weights from this checkpoint, fresh optimizers
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    num_threads: int | None = None  # torch intra-op threads per process (None: torch's choice)
+    progress: bool = True
+    tensorboard: bool = True
+    evaluate_test: bool = False  # evaluate the test split at the end and print the table
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"trainer.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.device must be auto, cpu or cuda, got '{self.device}'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"trainer.precision must be fp32 or bf16, got '{self.precision}'")
+        for name in ("log_every", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=lambda: DataConfig(action_names=["click"], tasks=[TaskConfig("click")]))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_id: str = "default"  # the run directory is <output_root>/<run_id>, the same on every rank
+    output_root: str = "runs"
+    seed: int = 0
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key."""
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Validate a composed config against the dataclasses; ConfigError naming the key if not."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _without_hydra(cfg))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+
+def _without_hydra(cfg):
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+    if "hydra" in cfg:
+        del cfg["hydra"]
+    return cfg

@@ -1,0 +1,290 @@
+"""The training loop: batches -> forward/backward step -> logging, validation, checkpoints.
+
+``run(cfg)`` is what ``python -m feedsr.train`` and the tests call. One code path for one or many
+processes: the model is always wrapped in TorchRec's DistributedModelParallel (world size 1
+included), embedding tables are updated by a fused optimizer inside backward and dense
+parameters by AdamW under a OneCycle schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from feedsr.data.config import batch_spec, build_loader, ensure_dataset, tasks_of
+from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
+from feedsr.eval.evaluate import evaluate
+from feedsr.eval.metrics import TaskMetrics, format_table
+from feedsr.model import build_model
+from feedsr.train.checkpoint import (
+    latest_checkpoint,
+    load_rank_state,
+    load_sharded,
+    save_checkpoint,
+    set_rng_state,
+)
+from feedsr.train.config import Config, to_config
+from feedsr.train.distributed import DistContext, distributed
+from feedsr.train.loss import MultiTaskLoss, estimate_propensities
+from feedsr.train.optim import build_dense_optimizer, schedule_of, set_learning_rates
+from feedsr.train.sharding import shard_model
+from feedsr.data.tasks import task_bitmasks
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf; raised before backward, so no parameter was updated."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)  # per step, this process's run only
+    valid: dict[str, TaskMetrics] | None = None
+    test: dict[str, TaskMetrics] | None = None
+
+
+def run(cfg) -> RunResult:
+    """Train from a composed config (DictConfig, dict or Config); validate it first."""
+    config = cfg if isinstance(cfg, Config) else to_config(cfg)
+    with distributed(config.trainer.device) as ctx:
+        return Trainer(config, ctx).fit()
+
+
+def default_threads(ctx: DistContext) -> int:
+    """Intra-op threads: the cores shared by the processes of this node."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
+class Trainer:
+    def __init__(self, config: Config, ctx: DistContext):
+        self.config, self.ctx = config, ctx
+        cfg = config
+        self.run_dir = Path(cfg.output_root) / cfg.run_id
+        if ctx.device.type == "cpu":
+            torch.set_num_threads(cfg.trainer.num_threads or default_threads(ctx))
+        self.meta = self._dataset_meta()
+        self.spec = batch_spec(cfg.data, self.meta)
+        self.tasks = tasks_of(cfg.data)
+        torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
+        model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
+        self.model = shard_model(model, ctx, cfg.optimizer.sparse, cfg.optimizer.sparse_lr,
+                                 cfg.optimizer.sparse_eps)
+        self.sparse_optimizer = self.model.fused_optimizer
+        self.dense_optimizer = build_dense_optimizer(self.model, cfg.optimizer)
+        self.schedule = schedule_of(cfg.optimizer, cfg.trainer.max_steps)
+        self.loss_fn = MultiTaskLoss(cfg.loss, [t.weight for t in self.tasks], self._propensities())
+        self.loss_fn.to(ctx.device)
+        self.train_loader = self._loader(cfg.data.train_split, train=True)
+        self.state = TrainState()
+        self.autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
+        torch.manual_seed(cfg.seed * 7919 + ctx.rank + 1)  # dropout differs per rank
+        self._start()
+        self.writer = self._tensorboard()
+
+    # ------------------------------------------------------------------ setup
+
+    def _dataset_meta(self) -> dict:
+        """Rank 0 generates synthetic data if needed; the others wait, then read its metadata."""
+        if self.ctx.is_main:
+            meta = ensure_dataset(self.config.data)
+        dist.barrier()
+        if not self.ctx.is_main:
+            meta = ensure_dataset(self.config.data)
+        return meta
+
+    def _loader(self, split: str, train: bool):
+        return build_loader(self.config.data, self.spec, split, train=train, seed=self.config.seed,
+                            rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    def _propensities(self) -> list[float] | None:
+        loss = self.config.loss
+        if not loss.ipw:
+            return None
+        if loss.propensities is not None:
+            return list(loss.propensities)
+        data = self.config.data
+        files = open_files(split_files(data.path, data.train_split), self.spec.read)
+        reader = SequenceReader(files, self.spec.read,
+                                ReaderConfig(batch_size=4096, max_seq_len=data.max_seq_len))
+        mask = task_bitmasks(self.tasks, list(data.action_names))[loss.ipw_reference_task]
+        props = estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "propensities.json").write_text(json.dumps(props) + "\n")
+        return props
+
+    def _start(self) -> None:
+        """Resume from the run's newest complete checkpoint, or warm-start, or start fresh."""
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
+            (self.run_dir / "config.yaml").write_text(resolved)
+        dist.barrier()
+        resume = latest_checkpoint(self.run_dir)
+        if resume is not None:
+            load_sharded(resume, self.model, self.sparse_optimizer)
+            rank_state = load_rank_state(resume, self.ctx)
+            self.dense_optimizer.load_state_dict(rank_state["dense_optimizer"])
+            self.state = TrainState(**rank_state["train_state"])
+            set_rng_state(rank_state["rng"])
+            self._log(f"resumed from {resume} at step {self.state.step}")
+        elif self.config.trainer.init_from:
+            load_sharded(Path(self.config.trainer.init_from), self.model, None)
+            self._log(f"warm start from {self.config.trainer.init_from} (fresh optimizers and schedule)")
+        self._truncate_train_log()
+
+    def _tensorboard(self):
+        if not (self.ctx.is_main and self.config.trainer.tensorboard):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ the loop
+
+    def batches(self):
+        """Training batches forever, epoch after epoch, tracking the position for resumes."""
+        reader = self.train_loader.dataset
+        while True:
+            reader.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+            for batch in self.train_loader:
+                self.state.batch_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def train_step(self, batch) -> tuple[float, torch.Tensor, int]:
+        """One optimizer step; returns (mean loss over ranks, per-task losses, impressions)."""
+        self.model.train()
+        set_learning_rates(self.dense_optimizer, self.schedule(self.state.step), {})
+        batch = batch.to(self.ctx.device, non_blocking=True)
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.model(batch)
+        out = self.loss_fn(logits, batch)
+        # One all-reduce gives every rank the mean loss, the impression count and whether any rank
+        # saw a non-finite loss; it runs before backward because the fused embedding optimizer
+        # updates the tables inside backward.
+        finite = torch.isfinite(out.loss.detach())
+        stats = torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(),
+                             (~finite).float(), torch.tensor(float(batch.lengths.sum()), device=finite.device)])
+        dist.all_reduce(stats)
+        if stats[1] > 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.state.step + 1} (on {int(stats[1])} rank(s)); "
+                "stopped before any parameter update. Lower optimizer.lr or check the data."
+            )
+        out.loss.backward()
+        if self.config.optimizer.grad_clip > 0:
+            params = [p for g in self.dense_optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.optimizer.grad_clip)
+        self.dense_optimizer.step()
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return float(stats[0]) / self.ctx.world_size, out.per_task.cpu(), int(stats[2])
+
+    def fit(self) -> RunResult:
+        cfg = self.config.trainer
+        result = RunResult(self.run_dir, self.state.step)
+        progress = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", unit="step",
+                        disable=not (self.ctx.is_main and cfg.progress), dynamic_ncols=True)
+        window_imps, window_start = 0, time.perf_counter()
+        batches = self.batches()
+        while self.state.step < cfg.max_steps:
+            loss, per_task, imps = self.train_step(next(batches))
+            result.losses.append(loss)
+            window_imps += imps
+            rate = window_imps / max(time.perf_counter() - window_start, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedule(self.state.step - 1):.2e}",
+                                 imps=f"{rate:,.0f}/s", refresh=False)
+            self._record(loss, per_task, rate)
+            if cfg.log_every and self.state.step % cfg.log_every == 0:
+                window_imps, window_start = 0, time.perf_counter()
+            if cfg.val_every and self.state.step % cfg.val_every == 0 and self.state.step < cfg.max_steps:
+                self.validate()
+            if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                self.checkpoint()
+        progress.close()
+        if latest_checkpoint(self.run_dir) is None or not (
+                self.run_dir / "checkpoints" / f"step-{self.state.step}").exists():
+            self.checkpoint()
+        result.step = self.state.step
+        result.valid = self.validate()
+        if cfg.evaluate_test:
+            result.test = self.evaluate_split(self.config.data.test_split, "test")
+        if self.writer:
+            self.writer.close()
+        return result
+
+    # ------------------------------------------------------------------ evaluation, logging, saving
+
+    def evaluate_split(self, split: str, label: str) -> dict[str, TaskMetrics]:
+        metrics = evaluate(self.model, self._loader(split, train=False), [t.name for t in self.tasks],
+                           self.ctx.device, self.config.trainer.val_max_batches, self.autocast)
+        self._log(f"{label} metrics at step {self.state.step} ({split} split):\n{format_table(metrics)}")
+        if self.writer:
+            for name, m in metrics.items():
+                for key in ("auc", "ne", "calibration"):
+                    self.writer.add_scalar(f"{label}/{name}/{key}", getattr(m, key), self.state.step)
+        if self.ctx.is_main:
+            with open(self.run_dir / f"{label}_metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.step,
+                                    "metrics": {k: m.to_dict() for k, m in metrics.items()}}) + "\n")
+        return metrics
+
+    def validate(self) -> dict[str, TaskMetrics]:
+        return self.evaluate_split(self.config.data.valid_split, "valid")
+
+    def checkpoint(self) -> None:
+        rank_state = {"dense_optimizer": self.dense_optimizer.state_dict(),
+                      "train_state": vars(self.state).copy()}
+        path = save_checkpoint(self.run_dir, self.state.step, self.model, self.sparse_optimizer,
+                               rank_state, self.ctx, self.config.trainer.keep_checkpoints)
+        self._log(f"saved {path}")
+
+    def _record(self, loss: float, per_task: torch.Tensor, rate: float) -> None:
+        if not self.ctx.is_main:
+            return
+        step, lr = self.state.step, self.schedule(self.state.step - 1)
+        tasks = {t.name: float(v) for t, v in zip(self.tasks, per_task)}
+        with open(self.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "task_loss": tasks,
+                                "impressions_per_s": rate}) + "\n")
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/impressions_per_s", rate, step)
+            for name, value in tasks.items():
+                self.writer.add_scalar(f"train/loss_{name}", value, step)
+        every = self.config.trainer.log_every
+        if every and step % every == 0 and not self.config.trainer.progress:
+            self._log(f"step {step}: loss {loss:.4f} lr {lr:.2e} {rate:,.0f} impressions/s")
+
+    def _truncate_train_log(self) -> None:
+        """After a resume, drop log lines of steps that will be redone."""
+        path = self.run_dir / "train_log.jsonl"
+        if not (self.ctx.is_main and path.exists()):
+            return
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.state.step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+    def _log(self, message: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(f"[feedsr] {message}")
