@@ -13,7 +13,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 # The stamp depends on the files that define the install, so a second `make setup` does nothing.
-$(STAMP): pyproject.toml requirements/cpu.txt requirements/torch-cpu.txt
+$(STAMP): pyproject.toml requirements/common.txt requirements/cpu.txt requirements/torch-cpu.txt
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "need $(PYTHON_BIN) (set PYTHON_BIN=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -99,3 +99,38 @@ def make_block(lengths, seed=0, gap_every=None) -> SequenceBlock:
 
 def make_batch(lengths, seed=0, gap_every=None) -> Batch:
     return collate(make_block(lengths, seed, gap_every), MODEL_SPEC)
+
+
+# ------------------------------------------------------------------ training helpers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset shared by the training tests (generated once per session)."""
+    from feedsr.data.synthetic import generate
+
+    path = tmp_path_factory.mktemp("synthetic")
+    generate(path, num_members=1500, seed=0, max_seq_len=64)
+    return path
+
+
+def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
+    """A model and run small enough for a 2-core CI machine."""
+    return [
+        f"data.path={data_dir}", "data.generate=null", "data.max_seq_len=64", "data.batch_size=32",
+        "data.eval_batch_size=128", "data.num_workers=0", "data.shuffle_buffer=512",
+        "model.embedding_dim=8", "model.num_layers=1", "model.ffn_dim=64", "model.dropout=0.0",
+        "model.head.expert_dims=[32]", "model.head.tower_dims=[16]",
+        f"output_root={run_root}", f"run_id={run_id}",
+        "trainer.progress=false", "trainer.tensorboard=false", "trainer.num_threads=1",
+    ]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)

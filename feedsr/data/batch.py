@@ -93,6 +93,11 @@ class BatchSpec:
         ]
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy when possible; Arrow hands out read-only buffers, which torch must not alias."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
     """SequenceBlock -> Batch (CPU tensors)."""
     v, lengths = block.values, block.lengths
@@ -117,10 +122,10 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
     return Batch(
         sparse=sparse,
         lengths=torch.from_numpy(lengths.astype(np.int64)),
-        member_ids=torch.from_numpy(block.rows["member_id"]),
-        num_targets=torch.from_numpy(block.rows["num_targets"]),
-        timestamps=torch.from_numpy(v["timestamps"]),
-        positions=torch.from_numpy(v["positions"]),
+        member_ids=_tensor(block.rows["member_id"]),
+        num_targets=_tensor(block.rows["num_targets"]),
+        timestamps=_tensor(v["timestamps"]),
+        positions=_tensor(v["positions"]),
         actions=torch.from_numpy(actions),
         context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
         labels=torch.from_numpy(task_labels(bits, task_bitmasks(list(spec.tasks), list(spec.read.action_names)))),

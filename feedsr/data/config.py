@@ -48,6 +48,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 4096
+    length_bucketing: bool = True  # training batches of similar lengths: far less padding
     session_shuffle: bool = True
     session_gap_s: int = 1800
     drop_last: bool = False
@@ -129,6 +130,7 @@ def build_loader(
         seed=seed,
         shuffle=train,
         shuffle_buffer=cfg.shuffle_buffer,
+        length_bucketing=cfg.length_bucketing,
         max_seq_len=cfg.max_seq_len,
         session_shuffle=train and cfg.session_shuffle,
         session_gap_s=cfg.session_gap_s,

@@ -311,6 +311,7 @@ class ReaderConfig:
     seed: int = 0
     shuffle: bool = False
     shuffle_buffer: int = 4096  # rows
+    length_bucketing: bool = False  # batches of similar lengths (less padding), in random order
     max_seq_len: int = 256
     session_shuffle: bool = False
     session_gap_s: int = 1800
@@ -382,7 +383,8 @@ class SequenceReader(IterableDataset):
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, logical])
         blocks = self._read_range(lo, hi)
         if cfg.shuffle and cfg.shuffle_buffer > 0:
-            blocks = _shuffle_buffer(blocks, cfg.shuffle_buffer, rng)
+            bucket = cfg.batch_size if cfg.length_bucketing else 0
+            blocks = _shuffle_buffer(blocks, cfg.shuffle_buffer, rng, bucket)
         for i, block in enumerate(_cut(blocks, sizes)):
             if logical + i * num_workers < self.skip:
                 continue  # resumed: already consumed; skip before the costly collation
@@ -403,9 +405,15 @@ class SequenceReader(IterableDataset):
 
 
 def _shuffle_buffer(
-    blocks: Iterator[SequenceBlock], size: int, rng: np.random.Generator
+    blocks: Iterator[SequenceBlock], size: int, rng: np.random.Generator, bucket: int = 0
 ) -> Iterator[SequenceBlock]:
-    """Approximate global shuffle with bounded memory: fill to ``size`` rows, permute, emit half."""
+    """Approximate global shuffle with bounded memory: fill to ``size`` rows, permute, emit half.
+
+    With ``bucket`` > 0 (the batch size), each emitted chunk is a whole number of batches whose
+    rows have similar lengths: the chunk is sorted by length, cut into batches, and the batches
+    are put in random order. Real histories are very skewed, so random batches are mostly
+    padding; bucketed ones waste little.
+    """
     pending, n = [], 0
     for block in blocks:
         pending.append(block)
@@ -413,12 +421,24 @@ def _shuffle_buffer(
         if n >= size:
             merged = SequenceBlock.concat(pending)
             perm = rng.permutation(n)
-            keep = size // 2
-            yield merged.take(perm[: n - keep])
-            pending, n = [merged.take(perm[n - keep :])], keep
+            emit = n - size // 2
+            if bucket:
+                emit -= emit % bucket
+            yield _bucketed(merged.take(perm[:emit]), bucket, rng) if bucket else merged.take(perm[:emit])
+            pending, n = [merged.take(perm[emit:])], n - emit
     if n:
-        merged = SequenceBlock.concat(pending)
-        yield merged.take(rng.permutation(n))
+        merged = SequenceBlock.concat(pending).take(rng.permutation(n))
+        yield _bucketed(merged, bucket, rng) if bucket else merged
+
+
+def _bucketed(block: SequenceBlock, batch_size: int, rng: np.random.Generator) -> SequenceBlock:
+    """Rows sorted by length in groups of ``batch_size``, the groups in random order."""
+    by_length = np.argsort(block.lengths, kind="stable")
+    groups = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+    full = [g for g in groups if len(g) == batch_size]
+    order = rng.permutation(len(full))
+    rest = [g for g in groups if len(g) < batch_size]  # a short group stays last (final batch)
+    return block.take(np.concatenate([full[i] for i in order] + rest))
 
 
 def _cut(blocks: Iterator[SequenceBlock], sizes: list[int]) -> Iterator[SequenceBlock]:

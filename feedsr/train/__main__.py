@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from feedsr.quiet import quiet_libraries
 from feedsr.train.config import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
-# TorchRec and FBGEMM warn at import and on every trace about things users cannot act on.
-warnings.filterwarnings("ignore", message="is_fx_tracing will return true")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="fbgemm_gpu")
+quiet_libraries()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -1,0 +1,29 @@
+"""Rebuild a trained model from its config and checkpoint, and score a split with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from feedsr.data.config import batch_spec, build_loader, ensure_dataset, tasks_of
+from feedsr.eval.evaluate import evaluate
+from feedsr.eval.metrics import TaskMetrics
+from feedsr.model import build_model
+from feedsr.train.checkpoint import load_sharded
+from feedsr.train.config import Config
+from feedsr.train.distributed import distributed
+from feedsr.train.sharding import shard_model
+
+
+def evaluate_checkpoint(config: Config, checkpoint: Path, split: str) -> dict[str, TaskMetrics]:
+    """Metrics of ``checkpoint`` on ``split`` of ``config.data.path`` (one process, any device)."""
+    with distributed(config.trainer.device) as ctx:
+        spec = batch_spec(config.data, ensure_dataset(config.data))
+        model = build_model(config.model, spec, config.data.max_seq_len, device=torch.device("meta"))
+        model = shard_model(model, ctx, config.optimizer.sparse, config.optimizer.sparse_lr)
+        load_sharded(checkpoint, model, None)
+        loader = build_loader(config.data, spec, split, train=False)
+        autocast = torch.bfloat16 if config.trainer.precision == "bf16" else None
+        return evaluate(model, loader, [t.name for t in tasks_of(config.data)], ctx.device,
+                        autocast_dtype=autocast)

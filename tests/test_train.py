@@ -1,0 +1,132 @@
+"""The trainer end to end on real synthetic data: learning, checkpoints, exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose, tiny_overrides
+from feedsr.eval.scoring import evaluate_checkpoint
+from feedsr.train.checkpoint import is_complete, latest_checkpoint
+from feedsr.train.config import ConfigError, to_config
+from feedsr.train.trainer import NonFiniteLossError, run
+
+
+def train_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_smoke_train_evaluate_and_resume(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "smoke") + [
+        "trainer.max_steps=150", "trainer.checkpoint_every=50", "optimizer.lr=0.005",
+    ]
+    result = run(compose(overrides))
+    assert result.step == 150 and len(result.losses) == 150
+    assert sum(result.losses[-20:]) / 20 < sum(result.losses[:20]) / 20
+    ckpt = latest_checkpoint(result.run_dir)
+    assert ckpt.name == "step-150"
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert kept == ["step-100", "step-150"]  # keep_checkpoints=2
+    config = to_config(compose(overrides))
+    metrics = evaluate_checkpoint(config, ckpt, "test")
+    for task in ("click", "long_view"):
+        assert metrics[task].auc > 0.6, metrics[task]
+        assert metrics[task].oracle_auc > metrics[task].auc
+    assert result.valid["click"].auc > 0.6  # the trainer's own validation, on the valid split
+    # a second run() of the same run id finds the complete checkpoint and continues from it
+    more = run(compose(overrides[:-3] + ["trainer.max_steps=160", "trainer.checkpoint_every=50",
+                                         "optimizer.lr=0.005"]))
+    assert more.step == 160 and len(more.losses) == 10
+
+
+def _train_cmd(data_dir, run_root, run_id, steps):
+    return [sys.executable, "-m", "feedsr.train", *tiny_overrides(data_dir, run_root, run_id),
+            f"trainer.max_steps={steps}", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3",
+            "data.num_workers=1", "model.dropout=0.1"]
+
+
+def test_killed_run_resumes_with_identical_losses(synthetic_dir, tmp_path):
+    steps = 24
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    subprocess.run(_train_cmd(synthetic_dir, tmp_path, "straight", steps), check=True, cwd=REPO,
+                   env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(synthetic_dir, tmp_path, "killed", steps), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step-8" / "COMPLETE").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(tmp_path / "killed")
+    assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
+    subprocess.run(_train_cmd(synthetic_dir, tmp_path, "killed", steps), check=True, cwd=REPO,
+                   env=env, capture_output=True)
+    straight = [r["loss"] for r in train_log(tmp_path / "straight")]
+    resumed = [r["loss"] for r in train_log(tmp_path / "killed")]
+    assert [r["step"] for r in train_log(tmp_path / "killed")] == list(range(1, steps + 1))
+    assert resumed == straight  # bit-for-bit on CPU
+
+
+def test_incomplete_checkpoint_is_ignored(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "partial") + [
+        "trainer.max_steps=6", "trainer.checkpoint_every=3"]
+    run(compose(overrides))
+    run_dir = tmp_path / "partial"
+    (run_dir / "checkpoints" / "step-6" / "COMPLETE").unlink()  # as if killed while saving
+    assert latest_checkpoint(run_dir).name == "step-3"
+    result = run(compose(overrides))
+    assert result.step == 6 and len(result.losses) == 3
+    assert is_complete(run_dir / "checkpoints" / "step-6")
+
+
+def test_warm_start_trains_only_on_new_interactions(synthetic_dir, tmp_path):
+    base = tiny_overrides(synthetic_dir, tmp_path, "day1") + ["trainer.max_steps=60", "optimizer.lr=0.005"]
+    day1 = run(compose(base))
+    # "next day": the valid split's rows hold the full history, but only its new impressions are
+    # targets; the warm-started model begins from day 1's weights with fresh optimizers.
+    warm = tiny_overrides(synthetic_dir, tmp_path, "day2") + [
+        "trainer.max_steps=5", "data.train_split=valid", "optimizer.lr=0.005",
+        f"trainer.init_from={latest_checkpoint(day1.run_dir)}"]
+    cold = tiny_overrides(synthetic_dir, tmp_path, "cold") + [
+        "trainer.max_steps=5", "data.train_split=valid", "optimizer.lr=0.005"]
+    warm_result, cold_result = run(compose(warm)), run(compose(cold))
+    assert warm_result.losses[0] < 0.9 * cold_result.losses[0]
+    assert warm_result.step == 5  # a fresh schedule, not day 1's step count
+
+
+def test_non_finite_loss_stops_before_the_update(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "nan") + [
+        "trainer.max_steps=50", "trainer.checkpoint_every=1", "optimizer.lr=1e30",
+        "optimizer.schedule=constant", "optimizer.grad_clip=0", "optimizer.sparse_lr=1e30"]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step (\d+)") as err:
+        run(compose(overrides))
+    failed = int(str(err.value).split("step ")[1].split(" ")[0])
+    assert latest_checkpoint(tmp_path / "nan").name == f"step-{failed - 1}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+trainer.max_stepz=5", "Key 'max_stepz' not in 'TrainerConfig'"),
+    ("trainer.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("model.head.type=moe", "model.head.type must be mmoe, mlp, linear or dcnv2, got 'moe'"),
+    ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
+])
+def test_bad_config_fails_at_start_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose([override]))
+
+
+def test_cli_rejects_unknown_key():
+    out = subprocess.run([sys.executable, "-m", "feedsr.train", "trainer.max_stepz=5"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "max_stepz" in out.stderr
