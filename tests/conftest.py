@@ -123,7 +123,7 @@ def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
         f"data.path={data_dir}", "data.generate=null", "data.max_seq_len=64", "data.batch_size=32",
         "data.eval_batch_size=128", "data.num_workers=0", "data.shuffle_buffer=512",
         "model.embedding_dim=8", "model.num_layers=1", "model.ffn_dim=64", "model.dropout=0.0",
-        "model.head.expert_dims=[32]", "model.head.tower_dims=[16]",
+        "model.head.expert_dims=[32]", "model.head.tower_dims=[16]", "model.position_bias.score_position=null",
         f"output_root={run_root}", f"run_id={run_id}",
         "trainer.progress=false", "trainer.tensorboard=false", "trainer.num_threads=1",
     ]
@@ -132,5 +132,47 @@ def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    import feedsr.train.config  # noqa: F401  (registers the schema with Hydra)
+
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
+
+
+# ------------------------------------------------------------------ real multi-process runs
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` real processes joined by gloo."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    mp.spawn(_rank_main, args=(world_size, fn, args), nprocs=world_size, join=True)
+
+
+def _rank_main(rank, world_size, fn, args):
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from feedsr.quiet import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

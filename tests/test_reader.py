@@ -33,13 +33,13 @@ def member_ids(batches):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_ranks_and_workers_partition_rows(uneven_split, world_size, num_workers, shuffle):
+@pytest.mark.parametrize("shuffle,bucketing", [(False, False), (True, False), (True, True)])
+def test_ranks_and_workers_partition_rows(uneven_split, world_size, num_workers, shuffle, bucketing):
     seen, counts = [], set()
     for rank in range(world_size):
         batches, length = epoch_batches(
             uneven_split, world_size, rank, num_workers,
-            batch_size=16, shuffle=shuffle, shuffle_buffer=40, seed=3,
+            batch_size=16, shuffle=shuffle, shuffle_buffer=40, seed=3, length_bucketing=bucketing,
         )
         assert len(batches) == length
         assert all(1 <= len(b) <= 16 for b in batches)
@@ -64,10 +64,26 @@ def test_same_seed_and_epoch_same_order(uneven_split, num_workers):
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("skip", [1, 2, 5])
 def test_resume_skips_exactly_the_consumed_batches(uneven_split, num_workers, skip):
-    kw = dict(batch_size=8, shuffle=True, shuffle_buffer=40, seed=1)
+    kw = dict(batch_size=8, shuffle=True, shuffle_buffer=40, seed=1, length_bucketing=True,
+              session_shuffle=True, session_gap_s=1000)
     full, _ = epoch_batches(uneven_split, 1, 0, num_workers, epoch=3, **kw)
     rest, _ = epoch_batches(uneven_split, 1, 0, num_workers, epoch=3, skip=skip, **kw)
     assert [member_ids([b]) for b in rest] == [member_ids([b]) for b in full[skip:]]
+    for a, b in zip(rest, full[skip:]):  # same impressions in the same (session-shuffled) order
+        np.testing.assert_array_equal(a.values["item_ids"], b.values["item_ids"])
+
+
+def test_length_bucketing_cuts_padding(uneven_split):
+    def padding(batches):
+        return sum(len(b) * b.lengths.max() - b.lengths.sum() for b in batches)
+
+    kw = dict(batch_size=8, shuffle=True, shuffle_buffer=200, seed=2)
+    plain, _ = epoch_batches(uneven_split, 1, 0, 0, **kw)
+    bucketed, _ = epoch_batches(uneven_split, 1, 0, 0, length_bucketing=True, **kw)
+    assert sorted(member_ids(plain)) == sorted(member_ids(bucketed))
+    assert padding(bucketed) < 0.5 * padding(plain)
+    lengths = [int(b.lengths.max()) for b in bucketed]
+    assert lengths != sorted(lengths), "bucketed batches should come in random order"
 
 
 def test_drop_last_gives_full_equal_batches(uneven_split):

@@ -64,8 +64,9 @@ class BatchSpec:
         read: the columns read (action names, categoricals, context, true probabilities).
         tasks: the prediction tasks.
         id_hash_sizes: id feature -> table size; ids are taken modulo the size (an id space
-            smaller than the table is therefore collision-free). Keys: ``item_ids``,
-            ``author_ids`` and ``cat_<name>`` for each categorical.
+            smaller than the table is therefore collision-free). Keys: ``item_ids`` and/or
+            ``author_ids`` (a missing one is not fed to the model), then ``cat_<name>`` for each
+            categorical.
     """
 
     read: ReadSpec
@@ -73,9 +74,12 @@ class BatchSpec:
     id_hash_sizes: dict[str, int]
 
     def __post_init__(self):
-        expected = ["item_ids", "author_ids"] + [CATEGORICAL_PREFIX + c for c in self.read.categorical]
-        if list(self.id_hash_sizes) != expected:
-            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}, expected {expected}")
+        cats = [CATEGORICAL_PREFIX + c for c in self.read.categorical]
+        ids = [k for k in self.id_hash_sizes if k not in cats]
+        if ids not in ([], ["item_ids"], ["author_ids"], ["item_ids", "author_ids"]) or \
+                [k for k in self.id_hash_sizes if k in cats] != cats or not self.id_hash_sizes:
+            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}: expected item_ids and/or "
+                             f"author_ids, then every categorical {cats}")
         bad = {k: v for k, v in self.id_hash_sizes.items() if v < 1}
         if bad:
             raise ValueError(f"id table sizes must be >= 1, got {bad}")

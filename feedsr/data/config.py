@@ -6,6 +6,7 @@ import fcntl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from feedsr.data.batch import BatchSpec, Collator
@@ -28,7 +29,8 @@ class DataConfig:
     """Where the data is, what it holds, and how it is batched.
 
     ``id_tables`` and ``categorical`` give the embedding table size per id feature; ids are taken
-    modulo it. ``generate`` (synthetic data only) makes the dataset on first use when ``path``
+    modulo it. A feature left out of them is not fed to the model (e.g. post ids, when posts are
+    so short-lived that their embeddings would only memorize the training window). ``generate`` (synthetic data only) makes the dataset on first use when ``path``
     holds none.
     """
 
@@ -37,7 +39,9 @@ class DataConfig:
     generate: dict | None = None  # kwargs of feedsr.data.synthetic.generate, or null
     action_names: list[str] = field(default_factory=list)
     tasks: list[TaskConfig] = field(default_factory=list)
-    id_tables: dict[str, int] = field(default_factory=lambda: {"item_ids": 100_000, "author_ids": 10_000})
+    # Empty by default: OmegaConf merges dicts key by key, so a default entry could never be
+    # removed by a data config. Remove one on the command line with ~data.id_tables.item_ids.
+    id_tables: dict[str, int] = field(default_factory=dict)
     categorical: dict[str, int] = field(default_factory=dict)  # name (no cat_ prefix) -> table size
     context: list[str] = field(default_factory=list)  # names (no ctx_ prefix)
     train_split: str = "train"
@@ -56,8 +60,12 @@ class DataConfig:
     def __post_init__(self):
         if not self.action_names:
             raise ValueError("data.action_names is empty")
-        if set(self.id_tables) != {"item_ids", "author_ids"}:
-            raise ValueError(f"data.id_tables needs item_ids and author_ids, got {list(self.id_tables)}")
+        unknown = set(self.id_tables) - {"item_ids", "author_ids"}
+        if unknown or not (self.id_tables or self.categorical):
+            raise ValueError(
+                f"data.id_tables takes item_ids and/or author_ids (got {list(self.id_tables)}), and the "
+                "model needs at least one id or categorical feature"
+            )
         for name, value in [("max_seq_len", self.max_seq_len), ("batch_size", self.batch_size),
                             ("eval_batch_size", self.eval_batch_size), ("session_gap_s", self.session_gap_s)]:
             if value < 1:
@@ -110,7 +118,8 @@ def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:
         context=tuple(cfg.context),
         true_probs=true_probs,
     )
-    sizes = dict(cfg.id_tables) | {CATEGORICAL_PREFIX + k: v for k, v in cfg.categorical.items()}
+    ids = {k: cfg.id_tables[k] for k in ("item_ids", "author_ids") if k in cfg.id_tables}
+    sizes = ids | {CATEGORICAL_PREFIX + k: v for k, v in cfg.categorical.items()}
     return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_hash_sizes=sizes)
 
 
@@ -139,7 +148,10 @@ def build_loader(
         world_size=world_size,
     )
     reader = SequenceReader(files, spec.read, reader_cfg, collate=Collator(spec))
+    # Its own generator: each new iterator draws a worker base seed, which must not advance the
+    # global RNG (dropout), or a resumed run would diverge from the uninterrupted one.
     return DataLoader(
         reader, batch_size=None, num_workers=cfg.num_workers,
         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -386,10 +386,14 @@ class SequenceReader(IterableDataset):
             bucket = cfg.batch_size if cfg.length_bucketing else 0
             blocks = _shuffle_buffer(blocks, cfg.shuffle_buffer, rng, bucket)
         for i, block in enumerate(_cut(blocks, sizes)):
-            if logical + i * num_workers < self.skip:
+            index = logical + i * num_workers  # the batch's index in the rank's epoch
+            if index < self.skip:
                 continue  # resumed: already consumed; skip before the costly collation
             if cfg.session_shuffle:
-                block = session_shuffle(block, cfg.session_gap_s, rng)
+                # Seeded by the batch index, not drawn from `rng`: skipped batches must not shift
+                # the stream that later batches use, or a resumed epoch would differ.
+                batch_rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, index])
+                block = session_shuffle(block, cfg.session_gap_s, batch_rng)
             yield self.collate(block) if self.collate else block
 
     def _read_range(self, lo: int, hi: int) -> Iterator[SequenceBlock]:

@@ -11,7 +11,7 @@ from feedsr.model.heads import HeadConfig
 class PositionBiasConfig:
     enabled: bool = True
     num_positions: int = 60  # the paper's K
-    score_position: int = 5  # the fixed position used when scoring (the paper: 5)
+    score_position: int | None = 5  # fixed position used when scoring (the paper: 5); null: logged
 
 
 @dataclass

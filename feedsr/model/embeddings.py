@@ -53,14 +53,16 @@ class PositionBias(nn.Module):
     """A learned logit offset per (feed position, task) for the first ``num_positions`` positions.
 
     Training adds the offset of the position the post was shown at, so the towers need not explain
-    position bias; scoring adds the offset of one fixed position for every candidate (the paper: 5),
-    which keeps predictions calibrated for a slot near the top. Unknown and deeper positions share
-    one extra learned row.
+    position bias. Scoring (eval mode) adds the offset of one fixed ``score_position`` for every
+    candidate (the paper: 5), which keeps predictions calibrated for a slot near the top; with
+    ``score_position=None`` scoring uses the logged position too (offline evaluation against
+    logged labels, e.g. next to an oracle that knows the position). Unknown and deeper positions
+    share one extra learned row.
     """
 
-    def __init__(self, num_positions: int, num_tasks: int, score_position: int):
+    def __init__(self, num_positions: int, num_tasks: int, score_position: int | None):
         super().__init__()
-        if not 0 <= score_position < num_positions:
+        if score_position is not None and not 0 <= score_position < num_positions:
             raise ValueError(f"score_position {score_position} outside [0, {num_positions})")
         self.num_positions, self.score_position = num_positions, score_position
         self.offsets = nn.Embedding(num_positions + 1, num_tasks)
@@ -68,7 +70,7 @@ class PositionBias(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """(N,) feed positions -> (N, K) offsets."""
-        if not self.training:
+        if not self.training and self.score_position is not None:
             positions = torch.full_like(positions, self.score_position)
         known = (positions >= 0) & (positions < self.num_positions)
         return self.offsets(torch.where(known, positions, self.num_positions))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from feedsr.data.config import DataConfig, TaskConfig
+from feedsr.data.config import DataConfig
 from feedsr.model.config import ModelConfig
+from feedsr.train.hdet import HDETConfig
 from feedsr.train.loss import LossConfig
 
 
@@ -60,6 +61,7 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True
     evaluate_test: bool = False  # evaluate the test split at the end and print the table
+    hdet: HDETConfig = field(default_factory=HDETConfig)
 
     def __post_init__(self):
         if self.max_steps < 1:
@@ -77,7 +79,7 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=lambda: DataConfig(action_names=["click"], tasks=[TaskConfig("click")]))
+    data: DataConfig = MISSING  # from conf/data/*.yaml (no default: dict fields merge key by key)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -85,6 +87,20 @@ class Config:
     run_id: str = "default"  # the run directory is <output_root>/<run_id>, the same on every rank
     output_root: str = "runs"
     seed: int = 0
+
+
+SCHEMA_NAME = "feedsr_schema"
+
+
+def register_schema() -> None:
+    """Make the dataclasses Hydra's schema (the first entry of conf/config.yaml's defaults), so that
+    composition knows every field (overridable without '+') and type-checks command-line values."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+register_schema()
 
 
 class ConfigError(ValueError):

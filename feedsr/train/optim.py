@@ -89,7 +89,8 @@ def schedule_of(cfg, total_steps: int) -> OneCycle:
                     constant=cfg.schedule == "constant")
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, base: float, multipliers: dict[str, float]) -> None:
-    """lr of each group = base * its multiplier (1 when absent)."""
+def set_group_values(optimizer: torch.optim.Optimizer, key: str, values: dict[str, float]) -> None:
+    """Set ``key`` (lr, weight_decay) of the named param groups present in ``values``."""
     for group in optimizer.param_groups:
-        group["lr"] = base * multipliers.get(group["name"], 1.0)
+        if group["name"] in values:
+            group[key] = values[group["name"]]

@@ -32,11 +32,13 @@ def embedding_collections(model: nn.Module) -> list[EmbeddingCollection]:
 
 
 def shard_model(model: nn.Module, ctx: DistContext, sparse: str, sparse_lr: float,
-                sparse_eps: float = 1e-8) -> DistributedModelParallel:
+                sparse_eps: float = 1e-8, data_parallel: bool = True) -> DistributedModelParallel:
     """Wrap ``model`` (tables on the meta device) in DMP, tables updated by a fused optimizer.
 
     The sparse optimizer runs inside backward (FBGEMM fuses the update into the embedding
-    kernel), which is why non-finite losses must be caught before ``backward``.
+    kernel), which is why non-finite losses must be caught before ``backward``. With
+    ``data_parallel=False`` dense parameters are not wrapped in DDP: their gradients are never
+    synchronized (HDET's independent replicas).
     """
     kwargs = {"lr": sparse_lr}
     if sparse != "sgd":
@@ -50,7 +52,8 @@ def shard_model(model: nn.Module, ctx: DistContext, sparse: str, sparse_lr: floa
     topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
     sharders = [EmbeddingCollectionSharder()]
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(model, sharders)
-    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders,
+                                    init_data_parallel=data_parallel)
 
 
 def is_sharded_param(name: str) -> bool:

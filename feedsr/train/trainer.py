@@ -19,6 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from feedsr.data.batch import Collator
 from feedsr.data.config import batch_spec, build_loader, ensure_dataset, tasks_of
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
 from feedsr.eval.evaluate import evaluate
@@ -34,7 +35,9 @@ from feedsr.train.checkpoint import (
 from feedsr.train.config import Config, to_config
 from feedsr.train.distributed import DistContext, distributed
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
-from feedsr.train.optim import build_dense_optimizer, schedule_of, set_learning_rates
+from feedsr.train.hdet import HDET, add_noise, set_attention_temperature, set_dropout
+from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
+from feedsr.train.plots import plot_learning_rates
 from feedsr.train.sharding import shard_model
 from feedsr.data.tasks import task_bitmasks
 
@@ -84,11 +87,14 @@ class Trainer:
         self.tasks = tasks_of(cfg.data)
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
+        hdet = cfg.trainer.hdet
         self.model = shard_model(model, ctx, cfg.optimizer.sparse, cfg.optimizer.sparse_lr,
-                                 cfg.optimizer.sparse_eps)
+                                 cfg.optimizer.sparse_eps,
+                                 data_parallel=not (hdet.enabled and hdet.mode == "independent"))
         self.sparse_optimizer = self.model.fused_optimizer
         self.dense_optimizer = build_dense_optimizer(self.model, cfg.optimizer)
         self.schedule = schedule_of(cfg.optimizer, cfg.trainer.max_steps)
+        self.hdet = self._hdet() if hdet.enabled else None
         self.loss_fn = MultiTaskLoss(cfg.loss, [t.weight for t in self.tasks], self._propensities())
         self.loss_fn.to(ctx.device)
         self.train_loader = self._loader(cfg.data.train_split, train=True)
@@ -96,6 +102,8 @@ class Trainer:
         self.autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + 1)  # dropout differs per rank
         self._start()
+        self.clean_batch = self._clean_batch()
+        self._apply_scalars()
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------ setup
@@ -144,11 +152,52 @@ class Trainer:
             self.dense_optimizer.load_state_dict(rank_state["dense_optimizer"])
             self.state = TrainState(**rank_state["train_state"])
             set_rng_state(rank_state["rng"])
+            if self.hdet is not None:
+                self.hdet.load_state_dict(rank_state["hdet"])
             self._log(f"resumed from {resume} at step {self.state.step}")
-        elif self.config.trainer.init_from:
+            return self._truncate_train_log()
+        if self.config.trainer.init_from:
             load_sharded(Path(self.config.trainer.init_from), self.model, None)
             self._log(f"warm start from {self.config.trainer.init_from} (fresh optimizers and schedule)")
+        if self.hdet is not None and self.config.trainer.hdet.noise > 0:
+            # after DMP/DDP wrapped the model (DDP broadcasts rank 0's weights when it wraps)
+            generator = torch.Generator().manual_seed(self.config.seed * 7919 + self.ctx.rank + 1)
+            add_noise(self.dense_params(), self.config.trainer.hdet.noise, generator)
         self._truncate_train_log()
+
+    def _hdet(self) -> HDET:
+        cfg = self.config
+        groups = [g["name"] for g in self.dense_optimizer.param_groups]
+        bases = {"dropout": cfg.model.dropout, "weight_decay": cfg.optimizer.weight_decay,
+                 "attention_temperature": 1.0}
+        return HDET(cfg.trainer.hdet, self.ctx.rank, self.ctx.world_size, self.schedule, groups, bases,
+                    cfg.trainer.max_steps)
+
+    def dense_params(self) -> list[torch.Tensor]:
+        return [p for g in self.dense_optimizer.param_groups for p in g["params"]]
+
+    def _clean_batch(self):
+        """HDET's held-out batch for scoring scalars: the first rows of the valid split, dropout off."""
+        if self.hdet is None or not self.hdet.scalars:
+            return None
+        data = self.config.data
+        files = open_files(split_files(data.path, data.valid_split), self.spec.read)
+        reader = SequenceReader(files, self.spec.read, ReaderConfig(
+            batch_size=self.config.trainer.hdet.clean_batch_rows, max_seq_len=data.max_seq_len),
+            collate=Collator(self.spec))
+        return next(iter(reader)).to(self.ctx.device)
+
+    def _apply_scalars(self) -> None:
+        if self.hdet is None:
+            return
+        values = self.hdet.scalar_values()
+        if "dropout" in values:
+            set_dropout(self.model, values["dropout"])
+        if "attention_temperature" in values:
+            set_attention_temperature(self.model, values["attention_temperature"])
+        if "weight_decay" in values:
+            decayed = [g["name"] for g in self.dense_optimizer.param_groups if g["name"] != "no_decay"]
+            set_group_values(self.dense_optimizer, "weight_decay", {g: values["weight_decay"] for g in decayed})
 
     def _tensorboard(self):
         if not (self.ctx.is_main and self.config.trainer.tensorboard):
@@ -170,10 +219,17 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
-    def train_step(self, batch) -> tuple[float, torch.Tensor, int]:
-        """One optimizer step; returns (mean loss over ranks, per-task losses, impressions)."""
+    def learning_rates(self) -> dict[str, float]:
+        """This rank's learning rate per dense param group for the coming step."""
+        if self.hdet is not None:
+            return self.hdet.learning_rates(self.state.step)
+        return {g["name"]: self.schedule(self.state.step) for g in self.dense_optimizer.param_groups}
+
+    def train_step(self, batch) -> tuple[float, float, torch.Tensor, int]:
+        """One optimizer step; returns (mean loss over ranks, this rank's loss, per-task losses,
+        impressions over ranks)."""
         self.model.train()
-        set_learning_rates(self.dense_optimizer, self.schedule(self.state.step), {})
+        set_group_values(self.dense_optimizer, "lr", self.learning_rates())
         batch = batch.to(self.ctx.device, non_blocking=True)
         with torch.autocast(self.ctx.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.model(batch)
@@ -182,6 +238,7 @@ class Trainer:
         # saw a non-finite loss; it runs before backward because the fused embedding optimizer
         # updates the tables inside backward.
         finite = torch.isfinite(out.loss.detach())
+        local = float(out.loss.detach()) if bool(finite) else float("nan")
         stats = torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(),
                              (~finite).float(), torch.tensor(float(batch.lengths.sum()), device=finite.device)])
         dist.all_reduce(stats)
@@ -192,12 +249,11 @@ class Trainer:
             )
         out.loss.backward()
         if self.config.optimizer.grad_clip > 0:
-            params = [p for g in self.dense_optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.optimizer.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.dense_params(), self.config.optimizer.grad_clip)
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return float(stats[0]) / self.ctx.world_size, out.per_task.cpu(), int(stats[2])
+        return float(stats[0]) / self.ctx.world_size, local, out.per_task.cpu(), int(stats[2])
 
     def fit(self) -> RunResult:
         cfg = self.config.trainer
@@ -207,14 +263,18 @@ class Trainer:
         window_imps, window_start = 0, time.perf_counter()
         batches = self.batches()
         while self.state.step < cfg.max_steps:
-            loss, per_task, imps = self.train_step(next(batches))
+            loss, local_loss, per_task, imps = self.train_step(next(batches))
             result.losses.append(loss)
             window_imps += imps
             rate = window_imps / max(time.perf_counter() - window_start, 1e-9)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedule(self.state.step - 1):.2e}",
                                  imps=f"{rate:,.0f}/s", refresh=False)
-            self._record(loss, per_task, rate)
+            self._record(loss, per_task, rate)  # before a converge re-draws HDET's permutations
+            if self.hdet is not None:
+                self.hdet.record_loss(local_loss)
+                if self.hdet.is_converge_step(self.state.step):
+                    self.converge()
             if cfg.log_every and self.state.step % cfg.log_every == 0:
                 window_imps, window_start = 0, time.perf_counter()
             if cfg.val_every and self.state.step % cfg.val_every == 0 and self.state.step < cfg.max_steps:
@@ -228,16 +288,40 @@ class Trainer:
         result.step = self.state.step
         result.valid = self.validate()
         if cfg.evaluate_test:
-            result.test = self.evaluate_split(self.config.data.test_split, "test")
+            result.test = self.evaluate_split(self.config.data.test_split, "test")  # every target
         if self.writer:
             self.writer.close()
+        if self.hdet is not None and self.ctx.is_main:
+            plot_learning_rates(self.run_dir / "train_log.jsonl", self.run_dir / "hdet_learning_rates.png")
         return result
+
+    def converge(self) -> None:
+        """HDET's converge: clean loss (for scalars), meta-update, parameter averaging; timed."""
+        start = time.perf_counter()
+        clean = self._clean_loss() if self.clean_batch is not None else None
+        report = self.hdet.converge(self.state.step, self.dense_params(), clean)
+        self._apply_scalars()
+        seconds = time.perf_counter() - start
+        if self.ctx.is_main:
+            with open(self.run_dir / "hdet_converges.jsonl", "a") as f:
+                f.write(json.dumps(report | {"seconds": seconds, "clean_loss": clean,
+                                             "base_lrs": self.hdet.base_learning_rates(self.state.step),
+                                             "scalars": self.hdet.scalar_values()}) + "\n")
+
+    @torch.no_grad()
+    def _clean_loss(self) -> float:
+        """Loss of this replica on the held-out batch with dropout off (eval mode)."""
+        self.model.eval()
+        logits = self.model(self.clean_batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.float()[self.clean_batch.target_mask], self.clean_batch.labels[self.clean_batch.target_mask])
+        return float(loss)
 
     # ------------------------------------------------------------------ evaluation, logging, saving
 
-    def evaluate_split(self, split: str, label: str) -> dict[str, TaskMetrics]:
+    def evaluate_split(self, split: str, label: str, max_batches: int | None = None) -> dict[str, TaskMetrics]:
         metrics = evaluate(self.model, self._loader(split, train=False), [t.name for t in self.tasks],
-                           self.ctx.device, self.config.trainer.val_max_batches, self.autocast)
+                           self.ctx.device, max_batches, self.autocast)
         self._log(f"{label} metrics at step {self.state.step} ({split} split):\n{format_table(metrics)}")
         if self.writer:
             for name, m in metrics.items():
@@ -250,11 +334,12 @@ class Trainer:
         return metrics
 
     def validate(self) -> dict[str, TaskMetrics]:
-        return self.evaluate_split(self.config.data.valid_split, "valid")
+        return self.evaluate_split(self.config.data.valid_split, "valid", self.config.trainer.val_max_batches)
 
     def checkpoint(self) -> None:
         rank_state = {"dense_optimizer": self.dense_optimizer.state_dict(),
-                      "train_state": vars(self.state).copy()}
+                      "train_state": vars(self.state).copy(),
+                      "hdet": self.hdet.state_dict() if self.hdet is not None else None}
         path = save_checkpoint(self.run_dir, self.state.step, self.model, self.sparse_optimizer,
                                rank_state, self.ctx, self.config.trainer.keep_checkpoints)
         self._log(f"saved {path}")
@@ -264,9 +349,19 @@ class Trainer:
             return
         step, lr = self.state.step, self.schedule(self.state.step - 1)
         tasks = {t.name: float(v) for t, v in zip(self.tasks, per_task)}
+        record = {"step": step, "loss": loss, "lr": lr, "task_loss": tasks, "impressions_per_s": rate}
+        if self.hdet is not None:  # rank 0 knows every rank's rates: shared bases and permutations
+            record["base_lrs"] = self.hdet.base_learning_rates(step - 1)
+            record["rank_lrs"] = {g: [self.hdet.learning_rates(step - 1, r)[g]
+                                      for r in range(self.ctx.world_size)] for g in record["base_lrs"]}
+            for g, lrs in record["rank_lrs"].items():
+                for r, value in enumerate(lrs):
+                    if self.writer:
+                        self.writer.add_scalar(f"hdet/lr_{g}/rank{r}", value, step)
+                if self.writer:
+                    self.writer.add_scalar(f"hdet/base_lr_{g}", record["base_lrs"][g], step)
         with open(self.run_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "task_loss": tasks,
-                                "impressions_per_s": rate}) + "\n")
+            f.write(json.dumps(record) + "\n")
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)

@@ -1,0 +1,296 @@
+"""HDET: hyperparameter-divergent ensemble training (Cheng et al., arXiv 2604.24708).
+
+Each data-parallel replica (rank) trains with its own learning rate around a shared base; every
+``converge_every`` steps the replicated parameters are averaged, and (auto-LR) the replicas' losses
+move the base. Implemented as the paper describes it, not as its reference scheduler behaves (see
+HDET.md): the spread applies from step 1, averaging does not depend on auto-LR, the decay pulls the
+base *down* to the schedule's floor, the global RNG is never reseeded, learning rates stay floats,
+nothing is averaged at construction, and a resumed rank keeps its own rank.
+
+Pieces, each small and testable on its own:
+
+- ``multiplier``: rho for a replica index, evenly spaced over [1 - alpha, 1 + alpha], mean 1.
+- ``Explorer``: one explored scalar (a param group's learning rate, dropout, weight decay,
+  attention temperature): base, velocity, permutation of replica indices, and the meta-update.
+- ``HDET``: the trainer-facing object: per-step values, loss windows, the converge.
+
+Sharded embedding tables are never touched: they exist once in the job (each rank owns some rows),
+so averaging them would mix unrelated shards and a per-rank learning rate would be a per-shard one.
+They keep the sparse optimizer's single learning rate on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class ScalarConfig:
+    """Another scalar explored through the same protocol (scored on the clean loss)."""
+
+    name: str = "dropout"  # dropout | weight_decay | attention_temperature
+    alpha: float = 0.5  # spread: values over [base (1 - alpha), base (1 + alpha)]
+    auto: bool = True  # meta-update the base at converges (else spread + averaging only)
+    min_value: float = 0.0
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in SCALARS:
+            raise ValueError(f"hdet scalar name must be one of {sorted(SCALARS)}, got '{self.name}'")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"hdet scalar '{self.name}': alpha must be in [0, 1), got {self.alpha}")
+        if self.min_value > self.max_value:
+            raise ValueError(f"hdet scalar '{self.name}': min_value > max_value")
+
+
+SCALARS = ("dropout", "weight_decay", "attention_temperature")
+
+
+@dataclass
+class HDETConfig:
+    enabled: bool = False
+    mode: str = "sync"  # sync: DDP every step | independent: no gradient sync between converges
+    alpha: float = 1 / 9  # learning-rate spread; 0 = plain DDP
+    converge_every: int = 1000  # T
+    auto_lr: bool = True
+    warm_steps: int = 0  # S_warm: meta-updates from this step on
+    sigma: float = 0.1  # softmax temperature over loss gaps
+    lam: float = 0.5  # lambda: step size of the base update
+    beta: float = 0.9  # velocity momentum
+    lr_max_factor: float = 10.0  # base clamped to [schedule floor, peak * lr_max_factor]
+    noise: float = 0.0  # warm noisy start: nu (0 = off)
+    seed: int = 0  # seeds the shared permutation generator (identical on every rank)
+    scalars: list[ScalarConfig] = field(default_factory=list)
+    clean_batch_rows: int = 256  # held-out rows for the clean loss (scalars)
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "independent"):
+            raise ValueError(f"trainer.hdet.mode must be sync or independent, got '{self.mode}'")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"trainer.hdet.alpha must be in [0, 1), got {self.alpha}")
+        if self.converge_every < 1:
+            raise ValueError(f"trainer.hdet.converge_every must be >= 1, got {self.converge_every}")
+        if self.sigma <= 0 or not 0 <= self.beta < 1 or self.lam < 0:
+            raise ValueError(f"hdet needs sigma > 0, 0 <= beta < 1, lam >= 0; got "
+                             f"{self.sigma}, {self.beta}, {self.lam}")
+        if self.noise < 0:
+            raise ValueError(f"trainer.hdet.noise must be >= 0, got {self.noise}")
+
+
+def multiplier(index: int, world_size: int, alpha: float) -> float:
+    """rho for replica ``index`` of ``world_size``: evenly spaced over [1-alpha, 1+alpha], mean 1."""
+    half = (world_size - 1) / 2
+    return 1.0 + alpha * (index - half) / max(half, 0.5)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def meta_delta(losses: np.ndarray, values: np.ndarray, sigma: float) -> float:
+    """sum_r w_r v_r - mean_r v_r with w = softmax((mean L - L_r) / sigma): > 0 when higher won."""
+    weights = softmax((losses.mean() - losses) / sigma)
+    return float((weights * values).sum() - values.mean())
+
+
+class Explorer:
+    """One explored scalar: its base, velocity and the permutation of replica indices over ranks.
+
+    ``value(rank)`` = base * rho(perm[rank]). The permutation is re-drawn at every meta-update from
+    a generator that every rank seeds and advances identically, so all ranks agree on it without
+    communicating.
+    """
+
+    def __init__(self, name: str, alpha: float, world_size: int, generator: np.random.Generator):
+        self.name, self.alpha, self.world_size = name, alpha, world_size
+        self.base: float | None = None  # None: follow the schedule (before S_warm / no auto)
+        self.velocity = 0.0
+        self.perm = generator.permutation(world_size).tolist()
+
+    def rho(self, rank: int) -> float:
+        return multiplier(self.perm[rank], self.world_size, self.alpha)
+
+    def value(self, rank: int, scheduled: float) -> float:
+        return (scheduled if self.base is None else self.base) * self.rho(rank)
+
+    def update(self, losses: np.ndarray, values: np.ndarray, sigma: float, beta: float, lam: float,
+               decay: float, low: float, high: float) -> None:
+        """The meta-update: velocity with momentum, decay toward the floor, clamp."""
+        delta = meta_delta(losses, values, sigma)
+        self.velocity = beta * self.velocity + (1 - beta) * delta
+        base = values.mean() if self.base is None else self.base  # mean rho is 1
+        self.base = float(min(max((1 - decay) * base + lam * self.velocity, low), high))
+
+    def redraw(self, generator: np.random.Generator) -> None:
+        self.perm = generator.permutation(self.world_size).tolist()
+
+    def state_dict(self) -> dict:
+        return {"base": self.base, "velocity": self.velocity, "perm": list(self.perm)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base, self.velocity, self.perm = state["base"], state["velocity"], list(state["perm"])
+
+
+def decay_factor(current: float, floor: float, remaining_converges: int) -> float:
+    """gamma with (1 - gamma)^K = floor / current: the base reaches the floor at the run's end."""
+    if remaining_converges < 1 or current <= floor:
+        return 0.0
+    return 1.0 - (floor / current) ** (1.0 / remaining_converges)
+
+
+def average_parameters(params: list[torch.Tensor], group=None) -> None:
+    """Average replicated parameters across ranks in one coalesced all-reduce, in place."""
+    if not params:
+        return
+    flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+
+def add_noise(params: list[torch.Tensor], nu: float, generator: torch.Generator) -> None:
+    """Warm noisy start: p += N(0, (nu * ||p|| / sqrt(numel))^2), from a per-rank generator."""
+    with torch.no_grad():
+        for p in params:
+            std = nu * p.norm().item() / math.sqrt(p.numel())
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu").to(p.device) * std)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    from feedsr.model.transformer import SelfAttention
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, SelfAttention):
+            m.attn_dropout = p
+
+
+def set_attention_temperature(model: nn.Module, t: float) -> None:
+    from feedsr.model.transformer import SelfAttention
+
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.temperature = t
+
+
+class HDET:
+    """Per-rank learning rates and scalars, loss windows, and the converge.
+
+    Args:
+        cfg: HDET config.
+        rank, world_size: this replica and the number of replicas.
+        schedule: the OneCycle base schedule (``schedule(step)``, ``.floor``, ``.peak``).
+        groups: the dense optimizer's param-group names (one explored learning rate each).
+        scalar_bases: starting value of each explored scalar (from the model/optimizer config).
+        total_steps: the run's length (for the decay toward the schedule's floor).
+    """
+
+    def __init__(self, cfg: HDETConfig, rank: int, world_size: int, schedule, groups: list[str],
+                 scalar_bases: dict[str, float], total_steps: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.schedule, self.total_steps = schedule, total_steps
+        # Identically seeded on every rank and advanced identically: the permutations agree
+        # without communication. Independent of torch's global RNG (dropout stays per rank).
+        self.generator = np.random.default_rng(cfg.seed)
+        self.lr = {g: Explorer(f"lr/{g}", cfg.alpha, world_size, self.generator) for g in groups}
+        self.scalars = {}
+        for sc in cfg.scalars:
+            explorer = Explorer(sc.name, sc.alpha, world_size, self.generator)
+            explorer.base = scalar_bases[sc.name]
+            self.scalars[sc.name] = (sc, explorer)
+        self.window_sum, self.window_steps = 0.0, 0
+
+    # ------------------------------------------------------------------ per step
+
+    def learning_rates(self, step: int, rank: int | None = None) -> dict[str, float]:
+        """Group -> learning rate of ``rank`` (default: this rank) at optimizer step ``step``."""
+        rank = self.rank if rank is None else rank
+        scheduled = self.schedule(step)
+        return {g: e.value(rank, scheduled) for g, e in self.lr.items()}
+
+    def base_learning_rates(self, step: int) -> dict[str, float]:
+        scheduled = self.schedule(step)
+        return {g: scheduled if e.base is None else e.base for g, e in self.lr.items()}
+
+    def scalar_values(self, rank: int | None = None) -> dict[str, float]:
+        rank = self.rank if rank is None else rank
+        return {name: e.value(rank, e.base) for name, (_, e) in self.scalars.items()}
+
+    def record_loss(self, loss: float) -> None:
+        self.window_sum += loss
+        self.window_steps += 1
+
+    def is_converge_step(self, step: int) -> bool:
+        return step % self.cfg.converge_every == 0
+
+    # ------------------------------------------------------------------ the converge
+
+    def converge(self, step: int, params: list[torch.Tensor], clean_loss: float | None = None) -> dict:
+        """After optimizer step ``step``: meta-updates (from the replicas' losses), then averaging.
+
+        A collective: every rank calls it at the same steps. Returns what happened (for logs).
+        """
+        window = self.window_sum / max(self.window_steps, 1)
+        mine = torch.tensor([window, float("nan") if clean_loss is None else clean_loss], dtype=torch.float64)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        losses = torch.stack(gathered).numpy()  # (W, 2): window loss, clean loss per rank
+        report = {"step": step, "window_losses": losses[:, 0].tolist(), "updated": False}
+        if self.cfg.auto_lr and step >= self.cfg.warm_steps and np.isfinite(losses[:, 0]).all():
+            self._update_learning_rates(step, losses[:, 0])
+            report["updated"] = True
+        if self.scalars and np.isfinite(losses[:, 1]).all():
+            self._update_scalars(losses[:, 1])
+        average_parameters(params)
+        self.window_sum, self.window_steps = 0.0, 0
+        return report
+
+    def _update_learning_rates(self, step: int, losses: np.ndarray) -> None:
+        remaining = math.ceil(max(self.total_steps - step, 0) / self.cfg.converge_every)
+        floor, high = self.schedule.floor, self.schedule.peak * self.cfg.lr_max_factor
+        for g, explorer in self.lr.items():
+            values = np.array([self.learning_rates(step, r)[g] for r in range(self.world_size)])
+            current = values.mean() if explorer.base is None else explorer.base
+            decay = decay_factor(current, floor, remaining)
+            explorer.update(losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam, decay, floor, high)
+            explorer.redraw(self.generator)
+
+    def _update_scalars(self, clean_losses: np.ndarray) -> None:
+        for name, (sc, explorer) in self.scalars.items():
+            if sc.auto:
+                values = np.array([self.scalar_values(r)[name] for r in range(self.world_size)])
+                explorer.update(clean_losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam,
+                                0.0, sc.min_value, sc.max_value)
+            explorer.redraw(self.generator)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.bit_generator.state,
+            "lr": {g: e.state_dict() for g, e in self.lr.items()},
+            "scalars": {n: e.state_dict() for n, (_, e) in self.scalars.items()},
+            "window": (self.window_sum, self.window_steps),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore shared state; this object's own rank is kept (never the saving rank's)."""
+        self.generator.bit_generator.state = state["generator"]
+        for g, e in self.lr.items():
+            e.load_state_dict(state["lr"][g])
+        for n, (_, e) in self.scalars.items():
+            e.load_state_dict(state["scalars"][n])
+        self.window_sum, self.window_steps = state["window"]
