@@ -172,7 +172,16 @@ def _rank_main(rank, world_size, fn, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)  # an exception propagates to mp.spawn with its traceback
+    # Tear down in a fixed order and leave without running C++ destructors at interpreter exit:
+    # DDP/gloo threads still alive then abort the process ("terminate called without an active
+    # exception") after the test body has already passed.
+    import gc
+    import sys
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

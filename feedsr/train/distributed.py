@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,4 +61,5 @@ def distributed(device_preference: str = "auto"):
         yield ctx
     finally:
         if owns:
+            gc.collect()  # free DDP/DMP (and their communication threads) before the group
             dist.destroy_process_group()
