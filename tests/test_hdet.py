@@ -268,3 +268,56 @@ def test_two_process_validation_matches_single_process_metrics(synthetic_dir, tm
         assert logged[task]["count"] == m.count
         assert logged[task]["auc"] == pytest.approx(m.auc, abs=1e-4)
     assert logged["click"]["auc"] > 0.55
+
+
+def _scalars_and_noise(rank, world_size, data_dir, run_root, out):
+    from feedsr.model.transformer import SelfAttention
+
+    scalars = ("trainer.hdet.scalars=[{name: dropout, alpha: 0.5, max_value: 0.5},"
+               "{name: weight_decay, alpha: 0.5},{name: attention_temperature, alpha: 0.2, min_value: 0.5,"
+               " max_value: 2.0}]")
+    clean = _trainer(rank, world_size, data_dir, run_root, "plain", ["trainer.hdet.noise=0.0"])
+    noisy = _trainer(rank, world_size, data_dir, run_root, "noisy",
+                     ["trainer.hdet.noise=0.01", scalars, "model.dropout=0.1"])
+    # warm noisy start: identical initialisation plus per-rank noise of relative size ~nu
+    rel = [float((n - c).norm() / c.norm()) for n, c in zip(_dense_fingerprint(noisy), _dense_fingerprint(clean))
+           if c.norm() > 0 and c.numel() > 100]
+    record = {"noise_rel": rel, "noisy_same": _same_everywhere(_dense_fingerprint(noisy)),
+              "plain_same": _same_everywhere(_dense_fingerprint(clean))}
+
+    def applied(t):
+        drop = {m.p for m in t.model.modules() if isinstance(m, torch.nn.Dropout)}
+        temp = {m.temperature for m in t.model.modules() if isinstance(m, SelfAttention)}
+        wd = {g["weight_decay"] for g in t.dense_optimizer.param_groups if g["name"] != "no_decay"}
+        return {"dropout": drop, "temperature": temp, "weight_decay": wd}
+
+    before = noisy.hdet.scalar_values()
+    record["applied_matches"] = applied(noisy) == {"dropout": {before["dropout"]},
+                                                   "temperature": {before["attention_temperature"]},
+                                                   "weight_decay": {before["weight_decay"]}}
+    record["values"] = _gather(before)
+    batches = noisy.batches()
+    for _ in range(3):
+        _, local, _, _ = noisy.train_step(next(batches))
+        noisy.hdet.record_loss(local)
+    noisy.converge()
+    record["clean_losses"] = json.loads((Path(run_root) / "noisy" / "hdet_converges.jsonl")
+                                        .read_text().splitlines()[-1])["clean_loss"] if rank == 0 else None
+    record["after"] = noisy.hdet.scalar_values()
+    record["applied_after"] = applied(noisy)["dropout"] == {record["after"]["dropout"]}
+    if rank == 0:
+        Path(out).write_text(json.dumps(record))
+
+
+def test_scalars_and_warm_noisy_start_in_real_processes(synthetic_dir, tmp_path):
+    out = tmp_path / "r.json"
+    run_ranks(_scalars_and_noise, 2, str(synthetic_dir), str(tmp_path), str(out))
+    r = json.loads(out.read_text())
+    assert r["plain_same"] is True and r["noisy_same"] is False
+    assert all(0.002 < x < 0.05 for x in r["noise_rel"]), r["noise_rel"]  # nu = 0.01 per tensor
+    assert r["applied_matches"] and r["applied_after"]
+    rank0, rank1 = r["values"]
+    assert all(rank0[k] != rank1[k] for k in rank0)  # every scalar fanned out across replicas
+    for name, base in (("dropout", 0.1), ("weight_decay", 0.01), ("attention_temperature", 1.0)):
+        assert math.isclose((rank0[name] + rank1[name]) / 2, base, rel_tol=1e-12)
+    assert isinstance(r["clean_losses"], float) and math.isfinite(r["clean_losses"])
