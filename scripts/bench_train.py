@@ -136,17 +136,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def measure(size: str, args, peak: float) -> dict:
-    from hydra import compose, initialize_config_dir
-
     from feedsr.data.tasks import task_groups
-    from feedsr.train.config import to_config
+    from feedsr.train.config import compose_config, to_config
     from feedsr.train.distributed import distributed
     from feedsr.train.trainer import Trainer
 
     overrides = [f"data.path={args.data}", "data.num_workers=0", "run_id=bench_train",
                  "output_root=/tmp/feedsr_bench_train", "trainer.tensorboard=false", *SIZES[size]]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        config = to_config(compose("config", overrides=overrides))
+    config = to_config(compose_config(overrides))
     with distributed("cpu") as ctx:
         trainer = Trainer(config, ctx)
         batches = trainer.batches()

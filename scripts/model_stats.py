@@ -39,16 +39,13 @@ def count(model) -> dict:
 
 
 def measure(name: str, args) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from feedsr.train.config import to_config
+    from feedsr.train.config import compose_config, to_config
     from feedsr.train.distributed import distributed
     from feedsr.train.trainer import Trainer
 
     overrides = [f"model={name}", f"data.path={args.data}", "data.num_workers=0", "run_id=model_stats",
                  "output_root=/tmp/feedsr_model_stats", "trainer.tensorboard=false", *args.overrides]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        config = to_config(compose("config", overrides=overrides))
+    config = to_config(compose_config(overrides))
     with distributed("cpu") as ctx:
         trainer = Trainer(config, ctx)
         batches = trainer.batches()

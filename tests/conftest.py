@@ -104,7 +104,6 @@ def make_batch(lengths, seed=0, gap_every=None) -> Batch:
 # ------------------------------------------------------------------ training helpers
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 
 
 @pytest.fixture(scope="session")
@@ -130,12 +129,9 @@ def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from feedsr.train.config import compose_config
 
-    import feedsr.train.config  # noqa: F401  (registers the schema with Hydra)
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 # ------------------------------------------------------------------ real multi-process runs

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from feedsr.quiet import quiet_libraries
-from feedsr.train.config import ConfigError
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from feedsr.train.config import CONFIG_DIR, ConfigError
 
 quiet_libraries()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     from feedsr.train.trainer import run
 

@@ -7,6 +7,7 @@ fail at start, with OmegaConf naming the full key; ``__post_init__`` methods che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -90,6 +91,7 @@ class Config:
 
 
 SCHEMA_NAME = "feedsr_schema"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def register_schema() -> None:
@@ -101,6 +103,15 @@ def register_schema() -> None:
 
 
 register_schema()
+
+
+def compose_config(overrides: list[str] = ()) -> DictConfig:
+    """The composed Hydra config for these overrides, as ``python -m feedsr.train`` would see it
+    (for scripts and tests; validate it with ``to_config``)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,123 @@
+"""The model's decoder blocks with a swappable attention step, and the masks of shared-context scoring.
+
+Every weight, LayerNorm, RoPE rotation, softmax scale and residual scalar used here is the model's
+own module or function; what changes is only which keys a query may see. Sequences are laid out as
+
+    [X_1, A_1, ..., X_T, A_T | C_1, ..., C_N]      (2T history tokens, then N candidate post tokens)
+
+and each candidate sees the first ``visible`` history tokens (2L, or fewer: see the scorer) and
+itself, never another candidate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from feedsr.model.rope import apply_rope
+from feedsr.model.transformer import DecoderBlock, SelfAttention
+
+# (q, k, v, scale) -> (B, H, S, Dh) attention output; q, k, v are (B, H, S, Dh) after RoPE.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def heads(attn: SelfAttention, x: torch.Tensor, angles: torch.Tensor | None):
+    """``attn``'s queries, keys and values of x (B, S, D), each (B, H, S, Dh), RoPE applied."""
+    batch, seq, _ = x.shape
+    q, k, v = attn.qkv(x).view(batch, seq, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    if angles is not None:
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+    return q, k, v
+
+
+def block_forward(block: DecoderBlock, x: torch.Tensor, angles: torch.Tensor | None, attend: Attend):
+    """``DecoderBlock.forward`` in eval mode (dropout is the identity) with ``attend`` as attention."""
+    attn = block.attn
+    q, k, v = heads(attn, block.ln_attn(x), angles)
+    y = attend(q, k, v, attn.temperature / math.sqrt(attn.head_dim))  # the model's SDPA scale
+    x = x + block.alpha_attn * attn.proj(y.transpose(1, 2).flatten(2))
+    return x + block.alpha_ffn * block.ffn(block.ln_ffn(x))
+
+
+def sdpa(mask: torch.Tensor | None) -> Attend:
+    """Plain SDPA with a boolean mask (True = may attend); None is causal, as in the model."""
+    return functools.partial(_sdpa, mask=mask)
+
+
+def _sdpa(q, k, v, scale, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+
+
+def cached(keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> Attend:
+    """Candidates over [their member's cached history ; themselves], no (L+N)^2 mask.
+
+    Args:
+        keys, values: (B, H, 2T, Dh) one layer's cached history keys (post-RoPE) and values.
+        visible: (B,) history tokens each member's candidates see (a prefix of the 2T).
+    """
+    hidden = torch.arange(keys.shape[2]) >= visible[:, None]  # (B, 2T)
+    bias = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, 2T)
+    return functools.partial(_cached, keys=keys, values=values, bias=bias)
+
+
+def _cached(q, k, v, scale, keys, values, bias):
+    # One softmax over 2T + 1 logits per candidate: its history scores and its score with itself.
+    # Written out (max, exp, sum) so that the (B, H, N, 2T) scores are updated in place, never
+    # concatenated with the self score or copied: those passes over memory are the cost on CPU.
+    q = q * scale
+    past = (q @ keys.transpose(-1, -2)).add_(bias)  # (B, H, N, 2T)
+    own = (q * k).sum(-1, keepdim=True)  # (B, H, N, 1)
+    top = torch.maximum(past.amax(-1, keepdim=True), own)  # for a stable exp
+    past = past.sub_(top).exp_()
+    own = (own - top).exp()
+    return (past @ values + own * v) / (past.sum(-1, keepdim=True) + own)  # (B, H, N, Dh)
+
+
+def shared_context_mask(history: torch.Tensor | None, history_tokens: int, visible: torch.Tensor,
+                        num_candidates: int) -> torch.Tensor:
+    """(B, 1, S, S) bool mask over [history | candidates], S = 2T + N; True = may attend.
+
+    Args:
+        history: (B, 1, 2T, 2T) the model's mask among history tokens, or None for causal.
+        history_tokens: 2T.
+        visible: (B,) history tokens the candidates of each member see.
+        num_candidates: N (per member, padded).
+    """
+    batch, size = len(visible), history_tokens + num_candidates
+    mask = torch.zeros(batch, size, size, dtype=torch.bool)
+    causal = torch.ones(history_tokens, history_tokens, dtype=torch.bool).tril()
+    mask[:, :history_tokens, :history_tokens] = causal if history is None else history[:, 0]
+    mask[:, history_tokens:, :history_tokens] = (torch.arange(history_tokens) < visible[:, None])[:, None]
+    mask[:, history_tokens:, history_tokens:] = torch.eye(num_candidates, dtype=torch.bool)
+    return mask[:, None]
+
+
+def flex(history_tokens: int, visible: torch.Tensor, num_candidates: int) -> Attend:
+    """The shared-context mask as a FlexAttention block mask, for a causal history.
+
+    Blocks that are entirely hidden (above the diagonal, candidate x candidate) are skipped instead
+    of being computed and masked. On CPU both the block mask and the kernel need ``torch.compile``
+    (eager FlexAttention materializes the full score matrix); the first call per shape compiles.
+    """
+    def may_attend(b, h, q, kv):
+        return torch.where(q < history_tokens, kv <= q, (kv < visible[b]) | (kv == q))
+
+    size = history_tokens + num_candidates
+    block_mask = _compiled_flex()[0](may_attend, len(visible), None, size, size, device="cpu")
+    return functools.partial(_flex, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """(create_block_mask, flex_attention), compiled once per process (then once per shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return torch.compile(create_block_mask, dynamic=False), torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, scale, block_mask):
+    return _compiled_flex()[1](q, k, v, block_mask=block_mask, scale=scale)

@@ -1,0 +1,296 @@
+"""Shared-context candidate scoring: N candidates per member, the history encoded once.
+
+One-by-one scoring runs the model on [history, candidate] for every candidate: N forward passes
+over 2L + 1 tokens. Since a candidate's post token X_c never sees its own action token, its score
+is the model's output at X_c, which depends on the history and X_c only. So all N candidates can
+share one pass over the history, as long as each candidate sees the history and itself and no
+other candidate (SPEC section 6):
+
+- ``masked``: one sequence [history | C_1..C_N] through the model's own transformer with a
+  boolean mask (candidate rows: the history and the diagonal).
+- ``kv``: the history alone through the blocks once, keeping each layer's keys and values; then
+  all candidates through the blocks together, attending to [cached history ; themselves].
+- ``flex``: the masked pass with a FlexAttention block mask (compiled; causal history only).
+- ``one_by_one``: the reference, ``model(collate(history + candidate))`` per candidate.
+
+Every candidate sits at impression index L (RoPE position L, learned position L), with the
+request time as its timestamp, exactly where one-by-one scoring puts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from feedsr.data.batch import Batch, BatchSpec, collate, pad_jagged
+from feedsr.data.block import SequenceBlock
+from feedsr.model.feedsr import FeedSR, session_ids
+from feedsr.model.transformer import interleaved_mask
+from feedsr.serve import attention
+from feedsr.serve.candidates import Candidates, appended
+
+METHODS = ("kv", "masked", "flex", "one_by_one")
+
+
+@dataclass
+class HistoryCache:
+    """Each layer's keys and values over a padded batch of member histories.
+
+    Args:
+        history: the collated histories; their lengths and timestamps place the candidates.
+        keys: per layer, (B, H, 2T, Dh) post-RoPE keys; token 2t is X_t, 2t+1 is A_t, and tokens
+            past 2 * lengths[b] are padding (never visible to candidates).
+        values: per layer, (B, H, 2T, Dh).
+
+    It depends on the history only (not on the request time), so it can be kept between requests.
+    """
+
+    history: Batch
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+@dataclass
+class Placement:
+    """Where each member's candidates sit in its sequence.
+
+    Args:
+        index: (B,) their impression index L_b (history length): learned position and RoPE position.
+        angles: (B, Dh/2) their RoPE angles (position L_b, and the request time with rope_time),
+            None without RoPE.
+        visible: (B,) history tokens they attend to: 2 L_b; with ``session_mask`` only the
+            sessions before the request's; 0 for the no-history ablation.
+    """
+
+    index: torch.Tensor
+    angles: torch.Tensor | None
+    visible: torch.Tensor
+
+
+class CandidateScorer:
+    """Scores candidate posts for members with a trained, unsharded ``FeedSR`` in eval mode.
+
+    Args:
+        model: a ``FeedSR`` from ``build_model`` (plain TorchRec ``EmbeddingCollection``).
+        spec: the ``BatchSpec`` the model was trained with (id features, context, tasks).
+
+    Example::
+
+        scorer = CandidateScorer(model.eval(), spec)
+        # history: a SequenceBlock of B = 1 member with L = 1000 impressions (as the reader
+        # yields them); 512 candidate posts for it, requested at time `now`
+        cands = Candidates(counts=[512], request_times=[now], values={"item_ids": ..., ...})
+        probs = scorer.score(history, cands)               # (512, K) probabilities
+        cache = scorer.encode_history(history)             # or keep the history's keys/values
+        probs = scorer.score_cached(cache, cands)          # and score later requests from it
+    """
+
+    def __init__(self, model: FeedSR, spec: BatchSpec):
+        if not isinstance(model, FeedSR):
+            raise TypeError(f"CandidateScorer needs a FeedSR model, got {type(model).__name__}")
+        self.model, self.spec = model, spec
+
+    # ------------------------------------------------------------------ public API
+
+    def score(self, history: SequenceBlock, candidates: Candidates, method: str = "kv") -> torch.Tensor:
+        """(N, K) task probabilities of every candidate, in the candidates' (member-major) order.
+
+        Args:
+            history: B members' histories, oldest first, at least one impression each.
+            candidates: N = sum(counts) candidates, ``counts`` (B,) per member.
+            method: ``kv``, ``masked``, ``flex`` or ``one_by_one`` (equal up to float error).
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got '{method}'")
+        self._check_candidates(len(history), candidates)
+        self._check_history(history)
+        if method == "one_by_one":
+            return self._one_by_one(history, candidates)
+        history_batch = collate(history, self.spec)
+        with torch.inference_mode():
+            if method == "kv":
+                return self._score_kv(self._encode(history_batch), candidates)
+            return self._score_single_pass(history_batch, candidates, flex=method == "flex")
+
+    def encode_history(self, history: SequenceBlock) -> HistoryCache:
+        """Run the histories through the blocks once; keep each layer's keys and values."""
+        self._check_eval()
+        self._check_history(history)
+        with torch.inference_mode():
+            return self._encode(collate(history, self.spec))
+
+    def score_cached(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
+        """(N, K) probabilities of the candidates of the members in ``cache`` (see ``score``)."""
+        self._check_candidates(cache.history.batch_size, candidates)
+        with torch.inference_mode():
+            return self._score_kv(cache, candidates)
+
+    # ------------------------------------------------------------------ checks and inputs
+
+    def _check_eval(self) -> None:
+        if self.model.training:
+            raise ValueError("CandidateScorer needs the model in eval mode (dropout, gate dropout and "
+                             "the fixed scoring position): call model.eval() first")
+
+    def _check_candidates(self, num_members: int, candidates: Candidates) -> None:
+        self._check_eval()
+        if len(candidates.counts) != num_members:
+            raise ValueError(f"candidates are for {len(candidates.counts)} members, the history has "
+                             f"{num_members}")
+
+    def _check_history(self, history: SequenceBlock) -> None:
+        if (history.lengths < 1).any():
+            raise ValueError(f"every member needs a history of >= 1 impression, got lengths "
+                             f"{history.lengths}")
+        abs_positions = self.model.abs_positions
+        if abs_positions is not None and history.lengths.max() >= abs_positions.num_embeddings:
+            raise ValueError(f"history length {history.lengths.max()} leaves no learned position for the "
+                             f"candidates (the model has {abs_positions.num_embeddings})")
+
+    # ------------------------------------------------------------------ the reference
+
+    def _one_by_one(self, history: SequenceBlock, candidates: Candidates) -> torch.Tensor:
+        """The model's own forward on [history, candidate] for each candidate; its last row."""
+        block = candidates.to_block(self.spec)
+        member_of = torch.repeat_interleave(torch.from_numpy(candidates.counts))
+        rows = []
+        with torch.inference_mode():
+            for row, member in enumerate(member_of.tolist()):
+                batch = collate(appended(history, member, block, row), self.spec)
+                rows.append(self.model(batch)[-1])
+        return torch.stack(rows).sigmoid()
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _history_mask(self, history: Batch, max_len: int) -> torch.Tensor | None:
+        """The mask ``FeedSR.encode`` uses among history tokens; None = causal."""
+        cfg, sessions = self.model.cfg, None
+        if cfg.session_mask:
+            ts, mask = pad_jagged(history.timestamps, history.lengths, max_len)
+            sessions = session_ids(ts, mask, cfg.session_gap_s)
+        return interleaved_mask(history.lengths, max_len, sessions, cfg.use_history)
+
+    def _placement(self, history: Batch, request_times: torch.Tensor) -> Placement:
+        """Place the candidates as impression L_b of [history_b, candidate] at the request time.
+
+        The model's own ``rotary`` and ``session_ids`` run on that extended timeline, so the time
+        origin (first history impression) and session gaps are the model's.
+        """
+        index = history.lengths
+        timeline = _extended_timeline(history, request_times)
+        ts, mask = pad_jagged(timeline.timestamps, timeline.lengths, int(timeline.lengths.max()))
+        angles = self.model.rotary(timeline, mask)  # (B, 2(T+1), Dh/2)
+        if angles is not None:
+            angles = angles[torch.arange(len(index)), 2 * index]  # the candidate's X token
+        cfg = self.model.cfg
+        if not cfg.use_history:
+            visible = torch.zeros_like(index)
+        elif cfg.session_mask:  # a candidate sees the sessions before its own (a prefix)
+            sessions = session_ids(ts, mask, cfg.session_gap_s)  # (B, T+1)
+            current = sessions.gather(1, index[:, None])
+            visible = 2 * ((sessions < current) & mask).sum(1)
+        else:
+            visible = 2 * index
+        return Placement(index, angles, visible)
+
+    def _candidate_tokens(self, candidates: Batch, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (B, N, D) candidate post tokens and their (B, N) mask."""
+        model = self.model
+        x = model.input_proj(model.posts(candidates.sparse, candidates.context))  # (N, D)
+        if model.abs_positions is not None:
+            x = x + model.abs_positions(place.index).repeat_interleave(candidates.lengths, dim=0)
+        return pad_jagged(x, candidates.lengths, int(candidates.lengths.max()))
+
+    def _candidate_angles(self, place: Placement, num_candidates: int) -> torch.Tensor | None:
+        """(B, N, Dh/2): every candidate of a member has the same rotation."""
+        return None if place.angles is None else place.angles[:, None].expand(-1, num_candidates, -1)
+
+    def _head(self, h: torch.Tensor, candidates: Batch) -> torch.Tensor:
+        """(N, D) transformer outputs -> (N, K) probabilities, as in ``FeedSR.forward``."""
+        model = self.model
+        if model.cfg.late_fusion:
+            h = torch.cat([h, candidates.context], dim=-1)
+        logits = model.head(h)
+        if model.position_bias is not None:
+            logits = logits + model.position_bias(candidates.positions)
+        return logits.sigmoid()
+
+    # ------------------------------------------------------------------ single pass (mask / flex)
+
+    def _score_single_pass(self, history: Batch, candidates: Candidates, flex: bool) -> torch.Tensor:
+        model, max_len = self.model, int(history.lengths.max())
+        cand = collate(candidates.to_block(self.spec), self.spec)
+        place = self._placement(history, torch.from_numpy(candidates.request_times))
+        seq, hist_mask = model.tokens(history, max_len)  # (B, 2T, D)
+        cand_tokens, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
+        x = torch.cat([seq, cand_tokens], dim=1)  # (B, 2T + N, D)
+        angles = model.rotary(history, hist_mask)
+        if angles is not None:
+            angles = torch.cat([angles, self._candidate_angles(place, cand_tokens.shape[1])], dim=1)
+        if flex:
+            h = self._flex_blocks(x, angles, place, cand_tokens.shape[1])
+        else:
+            mask = attention.shared_context_mask(
+                self._history_mask(history, max_len), 2 * max_len, place.visible, cand_tokens.shape[1])
+            h = model.transformer(x, angles, mask)  # the model's own blocks, SDPA with our mask
+        return self._head(h[:, 2 * max_len:][cand_mask], cand)
+
+    def _flex_blocks(self, x, angles, place: Placement, num_candidates: int) -> torch.Tensor:
+        cfg = self.model.cfg
+        if cfg.session_mask or not cfg.use_history:
+            raise ValueError("method='flex' supports a causal history only "
+                             "(not session_mask, not use_history=False)")
+        attend = attention.flex(x.shape[1] - num_candidates, place.visible, num_candidates)
+        for block in self.model.transformer.blocks:
+            x = attention.block_forward(block, x, angles, attend)
+        return self.model.transformer.ln_out(x)
+
+    # ------------------------------------------------------------------ KV cache
+
+    def _encode(self, history: Batch) -> HistoryCache:
+        model, max_len = self.model, int(history.lengths.max())
+        x, mask = model.tokens(history, max_len)  # (B, 2T, D)
+        angles = model.rotary(history, mask)
+        history_attention = attention.sdpa(self._history_mask(history, max_len))
+        keys, values = [], []
+
+        def attend(q, k, v, scale):
+            keys.append(k)
+            values.append(v)
+            return history_attention(q, k, v, scale)
+
+        *blocks, last = model.transformer.blocks
+        for block in blocks:
+            x = attention.block_forward(block, x, angles, attend)
+        # The last block's outputs at history tokens are never read: candidates need only its
+        # keys and values, so its attention and FFN over the history are skipped.
+        _, k, v = attention.heads(last.attn, last.ln_attn(x), angles)
+        return HistoryCache(history, keys + [k], values + [v])
+
+    def _score_kv(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
+        cand = collate(candidates.to_block(self.spec), self.spec)
+        place = self._placement(cache.history, torch.from_numpy(candidates.request_times))
+        x, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
+        angles = self._candidate_angles(place, x.shape[1])
+        transformer = self.model.transformer
+        for block, keys, values in zip(transformer.blocks, cache.keys, cache.values):
+            x = attention.block_forward(block, x, angles, attention.cached(keys, values, place.visible))
+        return self._head(transformer.ln_out(x)[cand_mask], cand)
+
+
+def _extended_timeline(history: Batch, request_times: torch.Tensor) -> Batch:
+    """The history with one more impression per member at its request time.
+
+    Only ``lengths`` and ``timestamps`` are meaningful (what ``FeedSR.rotary`` reads); the other
+    fields still describe the history.
+    """
+    lengths = history.lengths + 1
+    ends = torch.cumsum(lengths, 0) - 1  # flat index of each member's appended impression
+    is_new = torch.zeros(int(lengths.sum()), dtype=torch.bool)
+    is_new[ends] = True
+    timestamps = history.timestamps.new_empty(len(is_new))
+    timestamps[~is_new] = history.timestamps
+    timestamps[is_new] = request_times
+    return dataclasses.replace(history, lengths=lengths, timestamps=timestamps)

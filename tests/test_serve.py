@@ -1,0 +1,165 @@
+"""Shared-context scoring equals one-by-one scoring; candidates never see each other."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL_SPEC, make_block
+from feedsr.model import build_model
+from feedsr.model.config import ModelConfig, PositionBiasConfig
+from feedsr.model.heads import HeadConfig
+from feedsr.serve import CandidateScorer, Candidates
+
+MAX_SEQ_LEN = 32
+CONFIGS = {
+    "rope_mmoe": {},
+    "learned": {"position_encoding": "learned"},
+    "rope_time": {"rope_time": True},
+    "no_late_fusion": {"late_fusion": False, "d_model": 24},
+    "linear_head": {"head": HeadConfig(type="linear")},
+    "logged_position": {"position_bias": PositionBiasConfig(score_position=None)},
+    "session_mask": {"session_mask": True},
+    "no_history": {"use_history": False},
+}
+# (history lengths, candidates per member): one member; padded batches, one member without candidates
+CASES = [([1], [1]), ([6], [3]), ([9], [17]), ([5, 1, 9], [3, 17, 1]), ([4, 7], [0, 5])]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: a second thread only adds synchronization (and on a busy CI
+    machine, waiting for a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_of(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{"embedding_dim": 8, "num_layers": 2, "num_heads": 2, "ffn_dim": 32, **overrides})
+    model = build_model(cfg, MODEL_SPEC, max_seq_len=MAX_SEQ_LEN).eval()
+    with torch.no_grad():  # alpha and position offsets start at 0.1 and 0: make every path matter
+        for name, p in model.named_parameters():
+            if "alpha" in name or "position_bias" in name:
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def make_candidates(history, counts, gap_s=50, seed=0) -> Candidates:
+    """Random candidates; each member's request comes ``gap_s`` after its last impression."""
+    rng = np.random.default_rng(seed)
+    n = int(sum(counts))
+    last_ts = history.values["timestamps"][history.offsets[1:] - 1]
+    return Candidates(counts=counts, request_times=last_ts + gap_s, values={
+        "item_ids": rng.integers(0, 1000, n), "author_ids": rng.integers(0, 16, n),
+        "cat_surface": rng.integers(0, 3, n), "ctx_age": rng.random(n).astype(np.float32),
+        "positions": rng.integers(-1, 70, n),
+    })
+
+
+@pytest.mark.parametrize("lengths,counts", CASES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_shared_context_equals_one_by_one(config, lengths, counts):
+    scorer = CandidateScorer(model_of(**CONFIGS[config]), MODEL_SPEC)
+    history = make_block(lengths, seed=len(lengths), gap_every=3)  # sessions of 3 impressions
+    for gap_s in (50, 5000):  # the request in the newest history session, and in a new one
+        candidates = make_candidates(history, counts, gap_s)
+        reference = scorer.score(history, candidates, method="one_by_one")
+        assert reference.shape == (sum(counts), len(MODEL_SPEC.tasks))
+        for method in ("masked", "kv"):
+            torch.testing.assert_close(scorer.score(history, candidates, method), reference,
+                                       rtol=0, atol=1e-5, msg=f"{method}, request gap {gap_s}s")
+
+
+def test_the_request_time_and_session_matter():
+    """Guards the test above: with session_mask and rope_time the two request gaps differ."""
+    history = make_block([9], seed=1, gap_every=3)
+    for overrides in ({"session_mask": True}, {"rope_time": True}):
+        scorer = CandidateScorer(model_of(**overrides), MODEL_SPEC)
+        near, far = (scorer.score(history, make_candidates(history, [4], gap)) for gap in (50, 5000))
+        assert (near - far).abs().max() > 1e-4, overrides
+
+
+@pytest.mark.parametrize("method", ["masked", "kv"])
+def test_candidates_do_not_see_each_other(method):
+    scorer = CandidateScorer(model_of(), MODEL_SPEC)
+    history = make_block([6, 3], seed=2)
+    candidates = make_candidates(history, [5, 4])
+    base = scorer.score(history, candidates, method)
+    for column, change in [("item_ids", 1), ("cat_surface", 1), ("ctx_age", 5.0)]:
+        values = {k: v.copy() for k, v in candidates.values.items()}
+        values[column][2] += change
+        values["cat_surface"] %= 3  # a valid surface id
+        changed = scorer.score(history, dataclasses.replace(candidates, values=values), method)
+        others = [i for i in range(9) if i != 2]
+        torch.testing.assert_close(changed[others], base[others], rtol=0, atol=0)
+        assert (changed[2] - base[2]).abs().max() > 1e-4, column
+
+
+def test_history_reaches_the_scores():
+    """Guards the equality tests: the candidates do read the history, through every layer."""
+    scorer = CandidateScorer(model_of(), MODEL_SPEC)
+    history = make_block([6], seed=3)
+    candidates = make_candidates(history, [3])
+    base = scorer.score(history, candidates)
+    values = {k: v.copy() for k, v in history.values.items()}
+    values["action_bits"][2] ^= 0b111
+    changed = scorer.score(dataclasses.replace(history, values=values), candidates)
+    assert (changed - base).abs().max() > 1e-4
+
+
+def test_a_cached_history_serves_later_requests():
+    scorer = CandidateScorer(model_of(rope_time=True, session_mask=True), MODEL_SPEC)
+    history = make_block([8, 2], seed=4, gap_every=3)
+    cache = scorer.encode_history(history)
+    for seed, gap_s in [(0, 50), (1, 7200)]:
+        candidates = make_candidates(history, [6, 2], gap_s, seed=seed)
+        torch.testing.assert_close(scorer.score_cached(cache, candidates),
+                                   scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
+
+
+def test_one_layer_model():
+    scorer = CandidateScorer(model_of(num_layers=1), MODEL_SPEC)
+    history = make_block([5, 2], seed=5)
+    candidates = make_candidates(history, [4, 3])
+    torch.testing.assert_close(scorer.score(history, candidates),
+                               scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
+
+
+def test_bad_requests_are_rejected():
+    model = model_of()
+    scorer = CandidateScorer(model, MODEL_SPEC)
+    history = make_block([4, 2], seed=6)
+    candidates = make_candidates(history, [2, 1])
+    with pytest.raises(ValueError, match="eval mode"):
+        model.train()
+        scorer.score(history, candidates)
+    model.eval()
+    with pytest.raises(ValueError, match="for 1 members, the history has 2"):
+        scorer.score(history, make_candidates(history.take([0]), [2]))
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['cat_surface'\]"):
+        values = {k: v for k, v in candidates.values.items() if k != "cat_surface"}
+        scorer.score(history, dataclasses.replace(candidates, values=values))
+    with pytest.raises(ValueError, match="method must be one of"):
+        scorer.score(history, candidates, method="fast")
+    with pytest.raises(ValueError, match="sum\\(counts\\) = 3 rows"):
+        Candidates(counts=[2, 1], request_times=[0, 0], values={"item_ids": [1, 2]})
+    learned = CandidateScorer(model_of(position_encoding="learned"), MODEL_SPEC)
+    with pytest.raises(ValueError, match="no learned position"):
+        learned.score(make_block([MAX_SEQ_LEN]), make_candidates(make_block([MAX_SEQ_LEN]), [1]))
+    with pytest.raises(TypeError, match="needs a FeedSR model"):
+        CandidateScorer(model_of(name="dcnv2"), MODEL_SPEC)
+
+
+@pytest.mark.slow  # compiles FlexAttention and its block mask (tens of seconds on 2 cores)
+def test_flex_attention_equals_one_by_one():
+    scorer = CandidateScorer(model_of(rope_time=True), MODEL_SPEC)
+    history = make_block([9, 4], seed=7)
+    candidates = make_candidates(history, [5, 3])
+    torch.testing.assert_close(scorer.score(history, candidates, "flex"),
+                               scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
