@@ -8,6 +8,7 @@ to AUC 0.5.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,16 @@ from torch import nn
 from feedsr.model.rope import apply_rope
 
 
+# (q, k, v, scale) -> (B, H, S, Dh): an attention step; q, k, v are (B, H, S, Dh) after RoPE.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
     ``temperature`` multiplies the usual 1/sqrt(head_dim) scale; it is a plain attribute so that a
-    trainer (HDET) can vary it without rebuilding the module.
+    trainer (HDET) can vary it without rebuilding the module. ``attend`` replaces the SDPA step
+    (serving: candidates over a cached history) while everything else stays this module's own.
     """
 
     def __init__(self, d_model: int, num_heads: int, attn_dropout: float):
@@ -31,22 +37,35 @@ class SelfAttention(nn.Module):
         self.attn_dropout = attn_dropout
         self.temperature = 1.0
 
-    def forward(
-        self, x: torch.Tensor, angles: torch.Tensor | None, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x (B, S, D); angles (B, S, Dh/2) or None; attn_mask (B, 1, S, S) bool or None = causal."""
-        batch, seq, width = x.shape
+    @property
+    def scale(self) -> float:
+        return self.temperature / math.sqrt(self.head_dim)
+
+    def heads(self, x: torch.Tensor, angles: torch.Tensor | None):
+        """Queries, keys, values of x (B, S, D), each (B, H, S, Dh), RoPE applied to q and k."""
+        batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        y = F.scaled_dot_product_attention(  # (B, H, S, Dh)
-            q, k, v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            scale=self.temperature / math.sqrt(self.head_dim),
-        )
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor | None, attn_mask: torch.Tensor | None,
+        attend: Attend | None = None,
+    ) -> torch.Tensor:
+        """x (B, S, D); angles (B, S, Dh/2) or None; attn_mask (B, 1, S, S) bool or None = causal."""
+        q, k, v = self.heads(x, angles)
+        if attend is not None:
+            y = attend(q, k, v, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(  # (B, H, S, Dh)
+                q, k, v,
+                attn_mask=attn_mask,
+                is_causal=attn_mask is None,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                scale=self.scale,
+            )
+        return self.proj(y.transpose(1, 2).flatten(2))
 
 
 class DecoderBlock(nn.Module):
@@ -63,8 +82,8 @@ class DecoderBlock(nn.Module):
         self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
         self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
 
-    def forward(self, x, angles, attn_mask):
-        x = x + self.alpha_attn * self.dropout(self.attn(self.ln_attn(x), angles, attn_mask))
+    def forward(self, x, angles, attn_mask, attend: Attend | None = None):
+        x = x + self.alpha_attn * self.dropout(self.attn(self.ln_attn(x), angles, attn_mask, attend))
         return x + self.alpha_ffn * self.dropout(self.ffn(self.ln_ffn(x)))
 
 

@@ -1,4 +1,4 @@
-"""The model's decoder blocks with a swappable attention step, and the masks of shared-context scoring.
+"""Attention steps for shared-context scoring (plugged into the model's own blocks) and their masks.
 
 Every weight, LayerNorm, RoPE rotation, softmax scale and residual scalar used here is the model's
 own module or function; what changes is only which keys a query may see. Sequences are laid out as
@@ -12,35 +12,11 @@ itself, never another candidate.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from feedsr.model.rope import apply_rope
-from feedsr.model.transformer import DecoderBlock, SelfAttention
-
-# (q, k, v, scale) -> (B, H, S, Dh) attention output; q, k, v are (B, H, S, Dh) after RoPE.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def heads(attn: SelfAttention, x: torch.Tensor, angles: torch.Tensor | None):
-    """``attn``'s queries, keys and values of x (B, S, D), each (B, H, S, Dh), RoPE applied."""
-    batch, seq, _ = x.shape
-    q, k, v = attn.qkv(x).view(batch, seq, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    if angles is not None:
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
-    return q, k, v
-
-
-def block_forward(block: DecoderBlock, x: torch.Tensor, angles: torch.Tensor | None, attend: Attend):
-    """``DecoderBlock.forward`` in eval mode (dropout is the identity) with ``attend`` as attention."""
-    attn = block.attn
-    q, k, v = heads(attn, block.ln_attn(x), angles)
-    y = attend(q, k, v, attn.temperature / math.sqrt(attn.head_dim))  # the model's SDPA scale
-    x = x + block.alpha_attn * attn.proj(y.transpose(1, 2).flatten(2))
-    return x + block.alpha_ffn * block.ffn(block.ln_ffn(x))
+from feedsr.model.transformer import Attend
 
 
 def sdpa(mask: torch.Tensor | None) -> Attend:

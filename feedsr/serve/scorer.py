@@ -244,7 +244,7 @@ class CandidateScorer:
                              "(not session_mask, not use_history=False)")
         attend = attention.flex(x.shape[1] - num_candidates, place.visible, num_candidates)
         for block in self.model.transformer.blocks:
-            x = attention.block_forward(block, x, angles, attend)
+            x = block(x, angles, None, attend)
         return self.model.transformer.ln_out(x)
 
     # ------------------------------------------------------------------ KV cache
@@ -263,10 +263,10 @@ class CandidateScorer:
 
         *blocks, last = model.transformer.blocks
         for block in blocks:
-            x = attention.block_forward(block, x, angles, attend)
+            x = block(x, angles, None, attend)
         # The last block's outputs at history tokens are never read: candidates need only its
         # keys and values, so its attention and FFN over the history are skipped.
-        _, k, v = attention.heads(last.attn, last.ln_attn(x), angles)
+        _, k, v = last.attn.heads(last.ln_attn(x), angles)
         return HistoryCache(history, keys + [k], values + [v])
 
     def _score_kv(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
@@ -276,7 +276,7 @@ class CandidateScorer:
         angles = self._candidate_angles(place, x.shape[1])
         transformer = self.model.transformer
         for block, keys, values in zip(transformer.blocks, cache.keys, cache.values):
-            x = attention.block_forward(block, x, angles, attention.cached(keys, values, place.visible))
+            x = block(x, angles, None, attention.cached(keys, values, place.visible))
         return self._head(transformer.ln_out(x)[cand_mask], cand)
 
 
