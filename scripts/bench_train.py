@@ -101,7 +101,8 @@ class Reference(nn.Module):
         self.head = nn.Linear(d, num_tasks)
 
     def forward(self, x, padding):
-        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        seq = x.shape[1]
+        causal = torch.ones(seq, seq, dtype=torch.bool).triu(1)  # True = masked, like `padding`
         return self.head(self.encoder(x, mask=causal, src_key_padding_mask=padding, is_causal=True))
 
 
