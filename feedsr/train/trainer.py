@@ -26,6 +26,8 @@ from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
 from feedsr.train.checkpoint import (
+    checkpoint_root,
+    is_complete,
     latest_checkpoint,
     load_rank_state,
     load_sharded,
@@ -155,7 +157,8 @@ class Trainer:
             if self.hdet is not None:
                 self.hdet.load_state_dict(rank_state["hdet"])
             self._log(f"resumed from {resume} at step {self.state.step}")
-            return self._truncate_train_log()
+            self._truncate_train_log()
+            return
         if self.config.trainer.init_from:
             load_sharded(Path(self.config.trainer.init_from), self.model, None)
             self._log(f"warm start from {self.config.trainer.init_from} (fresh optimizers and schedule)")
@@ -163,7 +166,7 @@ class Trainer:
             # after DMP/DDP wrapped the model (DDP broadcasts rank 0's weights when it wraps)
             generator = torch.Generator().manual_seed(self.config.seed * 7919 + self.ctx.rank + 1)
             add_noise(self.dense_params(), self.config.trainer.hdet.noise, generator)
-        self._truncate_train_log()
+        self._truncate_train_log()  # a fresh run in an old directory: drop its stale log
 
     def _hdet(self) -> HDET:
         cfg = self.config
@@ -282,9 +285,8 @@ class Trainer:
             if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
         progress.close()
-        if latest_checkpoint(self.run_dir) is None or not (
-                self.run_dir / "checkpoints" / f"step-{self.state.step}").exists():
-            self.checkpoint()
+        if not is_complete(checkpoint_root(self.run_dir) / f"step-{self.state.step}"):
+            self.checkpoint()  # the final state, unless checkpoint_every just saved it
         result.step = self.state.step
         result.valid = self.validate()
         if cfg.evaluate_test:
