@@ -37,7 +37,7 @@ test: $(STAMP) ## run the test suite (what CI runs)
 test-slow: $(STAMP) ## run the slow tests too
 	$(PY) -m pytest -q -m "not gpu" $(ARGS)
 
-data: $(STAMP) ## generate the synthetic dataset into $(DATA)
+data: $(STAMP) ## generate the synthetic dataset (20k members) into data/synthetic (DATA=...)
 	$(PY) scripts/make_synthetic.py --out $(DATA) --num-members 20000 --seed 0
 
 kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (temporal split)
