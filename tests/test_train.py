@@ -136,3 +136,11 @@ def test_cli_rejects_unknown_key():
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "max_stepz" in out.stderr
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("trainer", ["default", "hdet"])
+def test_every_experiment_config_composes_and_validates(experiment, trainer):
+    config = to_config(compose([f"experiment={experiment}", f"trainer={trainer}"]))
+    assert config.run_id == experiment
+    assert config.trainer.hdet.enabled == (trainer == "hdet")
