@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from conftest import SPEC
@@ -125,7 +124,7 @@ def test_session_shuffle_permutes_within_sessions_only(uneven_split):
     for i in range(len(a)):
         lo, hi = a.offsets[i], a.offsets[i + 1]
         nt = a.rows["num_targets"][i]
-        ts_a, ts_b = a.values["timestamps"][lo:hi], b.values["timestamps"][lo:hi]
+        ts_a = a.values["timestamps"][lo:hi]
         # sessions: split at gaps > 1000 s and at the history/target boundary
         cuts = set(np.flatnonzero(np.diff(ts_a) > 1000) + 1) | {hi - lo - nt}
         bounds = sorted({0, hi - lo} | cuts)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from feedsr.data.block import ranges
 from feedsr.data.schema import PER_IMPRESSION_COLUMNS, column_kind, write_sequences
 
 DATASET_META = "dataset.json"
@@ -32,16 +33,6 @@ class Split:
     name: str
     start: int  # seconds, inclusive
     end: int  # seconds, exclusive
-
-
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, e) for each pair, vectorized."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
 def split_windows(
@@ -71,7 +62,7 @@ def split_windows(
 def rows_table(log: dict[str, np.ndarray], starts, ends, num_targets) -> pa.Table:
     """Gather windows [start, end) of the flat log into a table of sequence rows."""
     offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int32)
-    idx = _ranges(starts, ends)
+    idx = ranges(starts, ends - starts)
     columns = {"member_id": pa.array(log["member_id"][starts], pa.int64())}
     for name, values in log.items():
         if name == "member_id":
@@ -106,7 +97,6 @@ def write_split(
     member, ts = log["member_id"], log["timestamps"]
     bounds = np.flatnonzero(np.diff(member)) + 1
     m_starts = np.concatenate([[0], bounds]).astype(np.int64)
-    m_ends = np.concatenate([bounds, [len(member)]]).astype(np.int64)
     # Per member: index of the first impression at/after split.start and at/after split.end
     # (the log is time-sorted within each member, so counting what lies before is enough).
     first_target = m_starts + np.add.reduceat((ts < split.start).astype(np.int64), m_starts)

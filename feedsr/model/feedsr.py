@@ -84,16 +84,19 @@ class FeedSR(nn.Module):
             times = hours.float().repeat_interleave(2, dim=1)
         return rope_angles(pos, self.transformer.blocks[0].attn.head_dim, self.cfg.rope_base, times)
 
+    def attention_mask(self, batch: Batch, max_len: int) -> torch.Tensor | None:
+        """(B, 1, 2T, 2T) mask over the interleaved tokens (session / no-history variants); None = causal."""
+        sessions = None
+        if self.cfg.session_mask:
+            ts, mask = pad_jagged(batch.timestamps, batch.lengths, max_len)
+            sessions = session_ids(ts, mask, self.cfg.session_gap_s)
+        return interleaved_mask(batch.lengths, max_len, sessions, self.cfg.use_history)
+
     def encode(self, batch: Batch) -> torch.Tensor:
         """(N, D + C) per-impression representation at post positions, context late-fused."""
         max_len = int(batch.lengths.max())
         seq, mask = self.tokens(batch, max_len)
-        sessions = None
-        if self.cfg.session_mask:
-            ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
-            sessions = session_ids(ts, mask, self.cfg.session_gap_s)
-        attn_mask = interleaved_mask(batch.lengths, max_len, sessions, self.cfg.use_history)
-        h = self.transformer(seq, self.rotary(batch, mask), attn_mask)  # (B, 2T, D)
+        h = self.transformer(seq, self.rotary(batch, mask), self.attention_mask(batch, max_len))
         h = h[:, 0::2][mask]  # (N, D): post positions only, padding dropped
         if self.cfg.late_fusion:
             h = torch.cat([h, batch.context], dim=-1)

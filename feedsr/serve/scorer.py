@@ -27,7 +27,6 @@ import torch
 from feedsr.data.batch import Batch, BatchSpec, collate, pad_jagged
 from feedsr.data.block import SequenceBlock
 from feedsr.model.feedsr import FeedSR, session_ids
-from feedsr.model.transformer import interleaved_mask
 from feedsr.serve import attention
 from feedsr.serve.candidates import Candidates, appended
 
@@ -164,14 +163,6 @@ class CandidateScorer:
 
     # ------------------------------------------------------------------ shared pieces
 
-    def _history_mask(self, history: Batch, max_len: int) -> torch.Tensor | None:
-        """The mask ``FeedSR.encode`` uses among history tokens; None = causal."""
-        cfg, sessions = self.model.cfg, None
-        if cfg.session_mask:
-            ts, mask = pad_jagged(history.timestamps, history.lengths, max_len)
-            sessions = session_ids(ts, mask, cfg.session_gap_s)
-        return interleaved_mask(history.lengths, max_len, sessions, cfg.use_history)
-
     def _placement(self, history: Batch, request_times: torch.Tensor) -> Placement:
         """Place the candidates as impression L_b of [history_b, candidate] at the request time.
 
@@ -233,7 +224,7 @@ class CandidateScorer:
             h = self._flex_blocks(x, angles, place, cand_tokens.shape[1])
         else:
             mask = attention.shared_context_mask(
-                self._history_mask(history, max_len), 2 * max_len, place.visible, cand_tokens.shape[1])
+                self.model.attention_mask(history, max_len), 2 * max_len, place.visible, cand_tokens.shape[1])
             h = model.transformer(x, angles, mask)  # the model's own blocks, SDPA with our mask
         return self._head(h[:, 2 * max_len:][cand_mask], cand)
 
@@ -253,7 +244,7 @@ class CandidateScorer:
         model, max_len = self.model, int(history.lengths.max())
         x, mask = model.tokens(history, max_len)  # (B, 2T, D)
         angles = model.rotary(history, mask)
-        history_attention = attention.sdpa(self._history_mask(history, max_len))
+        history_attention = attention.sdpa(self.model.attention_mask(history, max_len))
         keys, values = [], []
 
         def attend(q, k, v, scale):
