@@ -7,7 +7,7 @@ DATA ?= data/synthetic
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-slow data kuairand bench-reader clean
+.PHONY: help setup train test test-slow data kuairand bench-kuairand bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,9 +40,13 @@ test-slow: $(STAMP) ## run the slow tests too
 data: $(STAMP) ## generate the synthetic dataset (20k members) into data/synthetic (DATA=...)
 	$(PY) scripts/make_synthetic.py --out $(DATA) --num-members 20000 --seed 0
 
-kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (temporal split)
+kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (temporal split, pre-window history)
 	$(PY) scripts/prepare_kuairand.py --src ../shared/data/kuairand --out data/kuairand \
-		--train-end 20220502 --valid-end 20220505
+		--train-end 20220502 --valid-end 20220505 --pre-history
+
+bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 + ablations, 3 seeds (docs/benchmarks.md)
+	$(PY) scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
+		--json docs/benchmark_kuairand.json --markdown docs/benchmark_kuairand.md
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
 	$(PY) scripts/bench_reader.py

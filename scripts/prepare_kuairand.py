@@ -1,7 +1,7 @@
 """Convert the KuaiRand log into feedsr Parquet sequences with a temporal split by date.
 
     python scripts/prepare_kuairand.py --src ../shared/data/kuairand --out data/kuairand \
-        --train-end 20220502 --valid-end 20220505
+        --train-end 20220502 --valid-end 20220505 --pre-history
 
 Dates are YYYYMMDD, inclusive, in China Standard Time (UTC+8); see feedsr/data/kuairand.py for the
 features and the choices behind them. The output is derived from KuaiRand (Gao et al., CIKM 2022)
@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, action="append", default=[], dest="logs",
                    help="another log file in the same format (Parquet or CSV); repeatable")
     p.add_argument("--max-seq-len", type=int, default=256, help="impressions per row at most")
+    p.add_argument("--pre-history", action="store_true",
+                   help="prepend each member's pre-window watch history (user_history_until_20220424_last50)")
     p.add_argument("--members", type=int, help="keep only the first N user ids (quick runs, tests)")
     return p.parse_args(argv)
 
@@ -44,6 +46,7 @@ def print_summary(meta: dict, out: Path, seconds: float) -> None:
         print(f"{name:<6} {c['rows']:>8,} {c['members']:>8,} {c['targets']:>9,} "
               f"{c['impressions']:>12,} {mb:>8.2f}")
     print(f"duplicates dropped: {meta['duplicates_dropped']:,}")
+    print(f"pre-window history impressions prepended: {meta['pre_history_impressions']:,}")
     print(f"on disk: {folder_bytes(out) / 1e6:.2f} MB in {out}")
     print(f"wall time: {seconds:.1f} s")
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
     meta = convert(args.src, args.out, args.train_end, args.valid_end, args.test_end,
-                   extra_logs=args.logs, max_seq_len=args.max_seq_len, members=args.members)
+                   extra_logs=args.logs, max_seq_len=args.max_seq_len, members=args.members,
+                   pre_history=args.pre_history)
     print_summary(meta, args.out, time.perf_counter() - start)
 
 

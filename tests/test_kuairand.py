@@ -148,6 +148,41 @@ def test_counts_add_up(raw, converted):
     assert sum(meta["splits"][s]["targets"] for s in SPLITS) == in_range.sum()
 
 
+def test_pre_window_history_is_prepended_and_never_a_target(converted, tmp_path):
+    out, meta = converted
+    hist_meta = kuairand.convert(DATA, tmp_path / "hist", **ENDS, members=MEMBERS, pre_history=True)
+    history = pq.read_table(DATA / kuairand.HISTORY_FILE).to_pydict()
+    by_user = {u: i for i, u in enumerate(history["user_id"])}
+    train_start = meta["splits"]["train"]["start"]
+    for name in SPLITS:
+        # the targets are exactly those of the conversion without history
+        base, new = targets(out, name), targets(tmp_path / "hist", name)
+        for column in ("member_id", "item_ids", "timestamps", "action_bits"):
+            assert np.array_equal(base[column], new[column]), (name, column)
+    table = pq.read_table(next((tmp_path / "hist" / "train").glob("*.parquet")))
+    checked = 0
+    for row in table.slice(0, 60).to_pylist():
+        if row["member_id"] not in by_user:
+            continue
+        i = by_user[row["member_id"]]
+        watched = history["watch_seq"][i]
+        n = len(watched)
+        assert row["item_ids"][:n] == watched  # in watch_seq order, before the log's impressions
+        last = min(history["last_time_ms"][i] // 1000, train_start - 1)
+        assert row["timestamps"][:n] == [last] * n
+        long_views, likes = set(history["long_watch_seq"][i]), set(history["like_seq"][i])
+        expected = [1 | (v in long_views) << 1 | (v in likes) << 2 for v in watched]
+        assert row["action_bits"][:n] == expected
+        assert row["cat_tab"][:n] == [0] * n and row["ctx_video_click_rate"][:n] == [0.0] * n
+        assert row["cat_tab"][n] != 0  # the log's own impressions follow
+        checked += 1
+    assert checked >= 20
+    members = set(read_split(out, "train")["member_id"]) | set(read_split(out, "test")["member_id"])
+    members |= set(read_split(out, "valid")["member_id"])
+    assert hist_meta["pre_history_impressions"] == sum(
+        len(w) for u, w in zip(history["user_id"], history["watch_seq"]) if u in members)
+
+
 def split_tables(out: Path) -> dict[str, pa.Table]:
     return {str(f.relative_to(out)): pq.read_table(f) for f in sorted(out.glob("*/*.parquet"))}
 

@@ -47,6 +47,39 @@ def test_smoke_train_evaluate_and_resume(synthetic_dir, tmp_path):
     assert more.step == 160 and len(more.losses) == 10
 
 
+def test_best_checkpoint_by_validation_is_kept_and_used_for_the_test(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "best") + [
+        "trainer.max_steps=80", "trainer.val_every=10", "trainer.checkpoint_every=0",
+        "trainer.select_tasks=[click,like]", "trainer.evaluate_test=true", "optimizer.lr=0.02",
+    ]
+    result = run(compose(overrides))
+    lines = [json.loads(x) for x in (result.run_dir / "valid_metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(10, 81, 10))
+    scores = [(x["metrics"]["click"]["auc"] + x["metrics"]["like"]["auc"]) / 2 for x in lines]
+    best_step = lines[scores.index(max(scores))]["step"]  # the first step reaching the maximum
+    best = json.loads((result.run_dir / "best.json").read_text())
+    assert best["step"] == result.best["step"] == best_step
+    assert best["score"] == pytest.approx(max(scores), abs=1e-12)
+    assert best["tasks"] == ["click", "like"]
+    # its checkpoint survived the pruning (keep_checkpoints=2), next to the newest ones
+    ckpt = result.run_dir / "checkpoints" / f"step-{best_step}"
+    assert is_complete(ckpt) and is_complete(result.run_dir / "checkpoints" / "step-80")
+    assert len(list((result.run_dir / "checkpoints").iterdir())) <= 3
+    # the checkpoint holds the weights that were validated, and the test used them
+    config = to_config(compose(overrides))
+    again = evaluate_checkpoint(config, ckpt, "valid")
+    assert again["click"].auc == pytest.approx(best["metrics"]["click"]["auc"], abs=1e-6)
+    test = evaluate_checkpoint(config, ckpt, "test")
+    for task in ("click", "long_view", "like"):
+        assert result.test[task].auc == pytest.approx(test[task].auc, abs=1e-6)
+
+
+def test_selection_tasks_must_exist(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "bad") + ["trainer.select_tasks=[clik]"]
+    with pytest.raises(ConfigError, match=r"trainer.select_tasks names unknown tasks \['clik'\]"):
+        run(compose(overrides))
+
+
 def _train_cmd(data_dir, run_root, run_id, steps):
     return [sys.executable, "-m", "feedsr.train", *tiny_overrides(data_dir, run_root, run_id),
             f"trainer.max_steps={steps}", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=3",
@@ -144,3 +177,18 @@ def test_every_experiment_config_composes_and_validates(experiment, trainer):
     config = to_config(compose([f"experiment={experiment}", f"trainer={trainer}"]))
     assert config.run_id == experiment
     assert config.trainer.hdet.enabled == (trainer == "hdet")
+
+
+def test_prune_keeps_the_newest_and_the_protected_checkpoint(tmp_path):
+    from feedsr.train.checkpoint import COMPLETE, prune
+
+    for step in (10, 20, 30, 40, 50):
+        (tmp_path / f"step-{step}").mkdir()
+        if step != 50:
+            (tmp_path / f"step-{step}" / COMPLETE).write_text("done\n")
+    (tmp_path / "step-5").mkdir()  # an interrupted save older than the newest complete one
+    prune(tmp_path, keep=2, protect=10)
+    # step-50 is incomplete but newer than every complete one: a save may still be writing it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-30", "step-40", "step-50"]
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-30", "step-40", "step-50"]

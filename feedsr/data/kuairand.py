@@ -30,6 +30,16 @@ Choices, with the reason for each:
   ``post_age_days`` counts from local midnight of ``upload_dt`` (day granularity); an unknown upload
   date gives ``AGE_FILL``. ``log_duration`` is log1p(duration_ms / 1000); the log uses 0 for unknown
   durations, which stays 0.
+- Pre-window history (``pre_history=True``, the default of ``make kuairand``): each member's
+  ``watch_seq`` from user_history_until_20220424_last50 (the last <= 50 videos watched before the
+  log starts) is prepended as non-target impressions: click set (watched), long_view / like set
+  when the video is in the member's ``long_watch_seq`` / ``like_seq``, other actions unknown (0).
+  The file has no per-item times: the items keep ``watch_seq`` order (read as oldest first) and
+  all get the timestamp ``min(last_time_ms, train start - 1 s)``, so they are always history and
+  never targets. Their ``tab`` is unknown (0), which also tells the model they are not feed
+  impressions; their context features are 0 (they are not in the log, so nothing is counted for
+  them and they do not count towards anyone's context). Without it a member's history is only the
+  log itself: 5.7 train impressions per member on average.
 - user_features is one snapshot without a date, so its categoricals may be slightly newer than
   early impressions; they are coarse buckets (activity level, follow/registration ranges).
 """
@@ -55,6 +65,7 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "log_standard_20220425_to_20220505.parquet"
 VIDEO_FILE = "video_features_basic.parquet"
 USER_FILE = "user_features.parquet"
+HISTORY_FILE = "user_history_until_20220424_last50.parquet"
 LOG_COLUMNS = (
     "user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like", "is_follow",
     "is_comment", "is_forward", "is_hate", "long_view", "play_time_ms", "duration_ms",
@@ -350,6 +361,58 @@ def build_log(cols: dict[str, np.ndarray], src: Path) -> tuple[dict[str, np.ndar
     return log, {"tab": tab_cardinality, **video_cards, **user_cards}
 
 
+def history_log(src: Path, before_second: int) -> dict[str, np.ndarray]:
+    """The pre-window watch history as flat log columns (see the module doc), unsorted."""
+    path = src / HISTORY_FILE
+    table = _read_side_table(path, ("user_id", "last_time_ms", "watch_seq", "like_seq", "long_watch_seq"))
+    watch = table["watch_seq"].combine_chunks()
+    lengths = pc.list_value_length(watch).fill_null(0).to_numpy()
+    users = np.repeat(table["user_id"].to_numpy(), lengths)
+    videos = pc.list_flatten(watch).to_numpy()
+    if len(videos) != lengths.sum() or (videos < 0).any():
+        raise ValueError(f"{path}: watch_seq holds null or negative video ids")
+    seconds = np.minimum(table["last_time_ms"].to_numpy() // 1000, before_second - 1)
+    cols = {"user_id": users, "video_id": videos, "time_ms": np.repeat(seconds, lengths) * 1000}
+    for column in ACTION_COLUMNS.values():
+        cols[column] = np.zeros(len(videos), dtype=np.int64)
+    cols["is_click"][:] = 1
+    cols["long_view"] = _in_member_list(table, "long_watch_seq", users, videos)
+    cols["is_like"] = _in_member_list(table, "like_seq", users, videos)
+    video, _ = video_features(src / VIDEO_FILE, videos)
+    user, _ = user_features(src / USER_FILE, users)
+    video.pop("upload_s")
+    log = {
+        "member_id": users,
+        "item_ids": videos,
+        "author_ids": video.pop("author_ids"),
+        "timestamps": cols["time_ms"] // 1000,
+        "positions": np.full(len(videos), UNKNOWN_POSITION, dtype=np.int64),
+        "action_bits": action_bits(cols),
+        CATEGORICAL_PREFIX + "tab": np.full(len(videos), UNKNOWN, dtype=np.int64),
+    }
+    log.update(video)
+    log.update(user)
+    log.update({CONTEXT_PREFIX + name: np.zeros(len(videos), np.float32) for name in CONTEXT_NAMES})
+    return log
+
+
+def _in_member_list(table: pa.Table, column: str, users: np.ndarray, videos: np.ndarray) -> np.ndarray:
+    """1 where (user, video) appears in that user's list ``column``, else 0."""
+    lists = table[column].combine_chunks()
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy()
+    pairs = set(zip(np.repeat(table["user_id"].to_numpy(), lengths).tolist(),
+                    pc.list_flatten(lists).to_numpy().tolist()))
+    return np.fromiter(((u, v) in pairs for u, v in zip(users.tolist(), videos.tolist())),
+                       dtype=np.int64, count=len(users))
+
+
+def prepend(history: dict[str, np.ndarray], log: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """history + log, sorted by (member, timestamp), stable: history first, each part in order."""
+    both = {name: np.concatenate([history[name], values]) for name, values in log.items()}
+    order = np.lexsort((both["timestamps"], both["member_id"]))
+    return {name: values[order] for name, values in both.items()}
+
+
 def first_members(log: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
     """The rows of the ``count`` smallest member ids."""
     keep = np.isin(log["member_id"], np.unique(log["member_id"])[:count])
@@ -365,12 +428,14 @@ def convert(
     extra_logs: Sequence[str | Path] = (),
     max_seq_len: int = 256,
     members: int | None = None,
+    pre_history: bool = False,
 ) -> dict:
     """Convert KuaiRand under ``src`` into feedsr sequences under ``out``; return dataset.json.
 
     Dates are YYYYMMDD ints, inclusive, in local time (UTC+8). ``extra_logs`` are more log files
     in the same format, appended to the log before deduplication and splitting. ``members`` keeps
     only the first N user ids (for tests); context features still see the whole log.
+    ``pre_history`` prepends each member's pre-window watch history (see the module doc).
     """
     src, out = Path(src), Path(out)
     if max_seq_len < 1:
@@ -392,6 +457,14 @@ def convert(
     log, cardinalities = build_log(cols, src)
     if members is not None:
         log = first_members(log, members)
+    history_impressions = 0
+    if pre_history:
+        history = history_log(src, splits[0].start)
+        in_log = np.isin(history["member_id"], log["member_id"])  # others would get no rows anyway
+        history = {name: values[in_log] for name, values in history.items()}
+        history_impressions = len(history["member_id"])
+        log = prepend(history, log)
+        logger.info("prepended %d pre-window history impressions", history_impressions)
     check_log(log)
     logger.info("built %d impressions of %d members", len(log["member_id"]),
                 len(np.unique(log["member_id"])))
@@ -408,7 +481,9 @@ def convert(
         "true_probs": [],
         "splits": counts,
         "duplicates_dropped": duplicates,
-        "inputs": [p.name for p in log_paths] + [VIDEO_FILE, USER_FILE],
+        "inputs": [p.name for p in log_paths] + [VIDEO_FILE, USER_FILE]
+        + ([HISTORY_FILE] if pre_history else []),
+        "pre_history_impressions": history_impressions,
         "train_end": train_end,
         "valid_end": valid_end,
         "test_end": test_end,

@@ -74,9 +74,10 @@ def sharded_state(model, sparse_optimizer) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_state: dict,
-                    ctx: DistContext, keep: int) -> Path:
-    """Save collectively; mark complete only after every rank wrote; keep the newest ``keep``."""
-    path = checkpoint_root(run_dir) / f"step-{step}"
+                    ctx: DistContext, keep: int, protect: int | None = None) -> Path:
+    """Save collectively; mark complete only after every rank wrote; keep the newest ``keep``
+    (and step ``protect``: the best checkpoint by validation)."""
+    path = checkpoint_path(run_dir, step)
     if ctx.is_main and path.exists():  # a leftover of an interrupted save of this same step
         shutil.rmtree(path)
     dist.barrier()
@@ -89,18 +90,23 @@ def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_stat
         marker = path / (COMPLETE + ".tmp")
         marker.write_text(f"step {step}, world size {ctx.world_size}\n")
         os.replace(marker, path / COMPLETE)
-        prune(checkpoint_root(run_dir), keep)
+        prune(checkpoint_root(run_dir), keep, protect)
     dist.barrier()
     return path
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than them."""
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step-{step}"
+
+
+def prune(root: Path, keep: int, protect: int | None = None) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and ``protect``), and incomplete
+    ones older than them."""
     dirs = _step_dirs(root)
     complete = [s for s, p in dirs if is_complete(p)]
     if not complete:
         return
-    kept = set(complete[-keep:])
+    kept = set(complete[-keep:]) | {protect}
     newest = complete[-1]
     for step, p in dirs:
         if step not in kept and (is_complete(p) or step < newest):

@@ -62,6 +62,10 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: bool = True
     evaluate_test: bool = False  # evaluate the test split at the end and print the table
+    # Checkpoint selection: after every validation, the run's best so far (highest mean validation
+    # AUC over these tasks; every task when empty) is recorded in best.json and its checkpoint is
+    # never pruned; the test split is evaluated with the best weights.
+    select_tasks: list[str] = field(default_factory=list)
     hdet: HDETConfig = field(default_factory=HDETConfig)
 
     def __post_init__(self):

@@ -9,6 +9,7 @@ parameters by AdamW under a OneCycle schedule.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
 from feedsr.train.checkpoint import (
-    checkpoint_root,
+    checkpoint_path,
     is_complete,
     latest_checkpoint,
     load_rank_state,
@@ -34,7 +35,7 @@ from feedsr.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from feedsr.train.config import Config, to_config
+from feedsr.train.config import Config, ConfigError, to_config
 from feedsr.train.distributed import DistContext, distributed
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
 from feedsr.train.hdet import HDET, add_noise, set_attention_temperature, set_dropout
@@ -60,8 +61,9 @@ class RunResult:
     run_dir: Path
     step: int
     losses: list[float] = field(default_factory=list)  # per step, this process's run only
-    valid: dict[str, TaskMetrics] | None = None
-    test: dict[str, TaskMetrics] | None = None
+    valid: dict[str, TaskMetrics] | None = None  # at the last step
+    test: dict[str, TaskMetrics] | None = None  # with the best weights by validation
+    best: dict | None = None  # best.json: step, score, tasks, validation metrics of that step
 
 
 def run(cfg) -> RunResult:
@@ -87,6 +89,8 @@ class Trainer:
         self.meta = self._dataset_meta()
         self.spec = batch_spec(cfg.data, self.meta)
         self.tasks = tasks_of(cfg.data)
+        self.select_tasks = self._select_tasks()
+        self.best: dict | None = None
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
         hdet = cfg.trainer.hdet
@@ -118,6 +122,14 @@ class Trainer:
         if not self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
         return meta
+
+    def _select_tasks(self) -> list[str]:
+        names = [t.name for t in self.tasks]
+        unknown = [t for t in self.config.trainer.select_tasks if t not in names]
+        if unknown:
+            raise ConfigError(f"invalid config: trainer.select_tasks names unknown tasks {unknown}; "
+                              f"data.tasks has {names}")
+        return list(self.config.trainer.select_tasks) or names
 
     def _loader(self, split: str, train: bool):
         return build_loader(self.config.data, self.spec, split, train=train, seed=self.config.seed,
@@ -156,6 +168,8 @@ class Trainer:
             set_rng_state(rank_state["rng"])
             if self.hdet is not None:
                 self.hdet.load_state_dict(rank_state["hdet"])
+            best = self.run_dir / "best.json"
+            self.best = json.loads(best.read_text()) if best.exists() else None
             self._log(f"resumed from {resume} at step {self.state.step}")
             self._truncate_train_log()
             return
@@ -280,16 +294,20 @@ class Trainer:
                     self.converge()
             if cfg.log_every and self.state.step % cfg.log_every == 0:
                 window_imps, window_start = 0, time.perf_counter()
-            if cfg.val_every and self.state.step % cfg.val_every == 0 and self.state.step < cfg.max_steps:
-                self.validate()
             if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
+            if cfg.val_every and self.state.step % cfg.val_every == 0 and self.state.step < cfg.max_steps:
+                self.validate()
         progress.close()
-        if not is_complete(checkpoint_root(self.run_dir) / f"step-{self.state.step}"):
+        if not is_complete(checkpoint_path(self.run_dir, self.state.step)):
             self.checkpoint()  # the final state, unless checkpoint_every just saved it
         result.step = self.state.step
         result.valid = self.validate()
+        result.best = self.best
         if cfg.evaluate_test:
+            if self.best is not None and self.best["step"] != self.state.step:
+                load_sharded(checkpoint_path(self.run_dir, self.best["step"]), self.model, None)
+                self._log(f"loaded the best checkpoint by validation (step {self.best['step']}) for the test")
             result.test = self.evaluate_split(self.config.data.test_split, "test")  # every target
         if self.writer:
             self.writer.close()
@@ -336,14 +354,35 @@ class Trainer:
         return metrics
 
     def validate(self) -> dict[str, TaskMetrics]:
-        return self.evaluate_split(self.config.data.valid_split, "valid", self.config.trainer.val_max_batches)
+        metrics = self.evaluate_split(self.config.data.valid_split, "valid", self.config.trainer.val_max_batches)
+        self._select(metrics)
+        return metrics
+
+    def _select(self, metrics: dict[str, TaskMetrics]) -> None:
+        """Keep the best step by mean validation AUC over the selection tasks (every rank holds the
+        same all-gathered metrics, so all take the same decision)."""
+        aucs = [metrics[t].auc for t in self.select_tasks if not math.isnan(metrics[t].auc)]
+        score = sum(aucs) / len(aucs) if aucs else -math.inf
+        if self.best is not None and score <= self.best["score"]:
+            return
+        if not is_complete(checkpoint_path(self.run_dir, self.state.step)):
+            self.checkpoint()
+        self.best = {"step": self.state.step, "score": score, "tasks": self.select_tasks,
+                     "metrics": {k: m.to_dict() for k, m in metrics.items()}}
+        if self.ctx.is_main:
+            tmp = self.run_dir / "best.json.tmp"
+            tmp.write_text(json.dumps(self.best, indent=1) + "\n")
+            os.replace(tmp, self.run_dir / "best.json")
+        self._log(f"best so far by validation: step {self.state.step}, mean AUC "
+                  f"{score:.4f} over {', '.join(self.select_tasks)}")
 
     def checkpoint(self) -> None:
         rank_state = {"dense_optimizer": self.dense_optimizer.state_dict(),
                       "train_state": vars(self.state).copy(),
                       "hdet": self.hdet.state_dict() if self.hdet is not None else None}
         path = save_checkpoint(self.run_dir, self.state.step, self.model, self.sparse_optimizer,
-                               rank_state, self.ctx, self.config.trainer.keep_checkpoints)
+                               rank_state, self.ctx, self.config.trainer.keep_checkpoints,
+                               protect=self.best["step"] if self.best is not None else None)
         self._log(f"saved {path}")
 
     def _record(self, loss: float, per_task: torch.Tensor, rate: float) -> None:

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""The real-data benchmark: Feed-SR against the DCNv2 ranker on KuaiRand, with ablations.
+
+    python scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
+        --json docs/benchmark_kuairand.json --markdown docs/benchmark_kuairand.md
+
+For every configuration and seed: converter (once, if ``--data`` holds no dataset) -> training
+(``python -m feedsr.train experiment=...``) -> the run's best checkpoint by validation (mean
+validation AUC over click, long_view and like, ``trainer.select_tasks`` in the experiment files).
+Train 2022-04-25..05-02, validate 05-03..05-05: KuaiRand ships no later days, so the reported
+numbers are validation AUCs of the checkpoint chosen on that same validation split, for every
+configuration alike.
+
+Configurations (each ablation changes one thing of ``feedsr``):
+
+    feedsr              conf/experiment/kuairand_feedsr.yaml
+    dcnv2               conf/experiment/kuairand_dcnv2.yaml (the pointwise ranker)
+    learned_positions   no RoPE: learned absolute positions
+    no_late_fusion      context features in the post tokens instead of next to the head
+    linear_head         one linear layer per task instead of MMoE
+    no_loss_weighting   no temporal and no position decay of the loss weights
+    no_session_shuffle  no in-session shuffle of the training sequences
+    no_history          every impression sees only itself
+
+Runs go to ``--runs/<config>_seed<S>``; a run whose ``result.json`` exists is not run again, so an
+interrupted benchmark continues where it stopped. ``--parallel`` runs train side by side, each
+with cores / parallel threads. Prints progress, then the table (mean ± sample std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name -> (experiment, overrides, what it tests)
+    "feedsr": ("kuairand_feedsr", [], "Feed-SR, default recipe"),
+    "dcnv2": ("kuairand_dcnv2", [], "DCNv2 pointwise ranker (same features, loss, budget)"),
+    "learned_positions": ("kuairand_feedsr", ["model.position_encoding=learned"],
+                          "no RoPE: learned absolute positions"),
+    "no_late_fusion": ("kuairand_feedsr", ["model.late_fusion=false"],
+                       "context features in the tokens, not late-fused"),
+    "linear_head": ("kuairand_feedsr", ["model.head.type=linear"], "linear head instead of MMoE"),
+    "no_loss_weighting": ("kuairand_feedsr", ["loss.temporal_decay=false", "loss.position_decay=false"],
+                          "no temporal / position decay of loss weights"),
+    "no_session_shuffle": ("kuairand_feedsr", ["data.session_shuffle=false"], "no in-session shuffle"),
+    "no_history": ("kuairand_feedsr", ["model.use_history=false"], "only the target impression"),
+}
+REPORT_TASKS = ("click", "long_view", "like")  # the headline tasks; the rest are reported too
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--parallel", type=int, default=2, help="training runs side by side")
+    p.add_argument("--data", type=Path, default=REPO / "data/kuairand")
+    p.add_argument("--src", type=Path, default=REPO.parent / "shared/data/kuairand")
+    p.add_argument("--runs", type=Path, default=REPO / "runs/kuairand_benchmark")
+    p.add_argument("--json", type=Path, help="write all results as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. trainer.max_steps=200)")
+    return p.parse_args(argv)
+
+
+def ensure_data(args) -> None:
+    if (args.data / "dataset.json").exists():
+        return
+    print(f"[benchmark] converting {args.src} -> {args.data}", flush=True)
+    subprocess.run([sys.executable, "scripts/prepare_kuairand.py", "--src", str(args.src),
+                    "--out", str(args.data), "--train-end", "20220502", "--valid-end", "20220505",
+                    "--pre-history"], cwd=REPO, check=True)
+
+
+def run_one(args, name: str, seed: int, threads: int) -> dict:
+    """Train one configuration and seed (or reuse a finished run); its best-by-validation result."""
+    run_id = f"{name}_seed{seed}"
+    run_dir = args.runs / run_id
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    experiment, overrides, _ = CONFIGS[name]
+    cmd = [sys.executable, "-m", "feedsr.train", f"experiment={experiment}", *overrides,
+           f"data.path={args.data}", f"run_id={run_id}", f"output_root={args.runs}", f"seed={seed}",
+           "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}",
+           *args.overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "benchmark.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
+    best = json.loads((run_dir / "best.json").read_text())
+    result = {"config": name, "seed": seed, "seconds": seconds, "best_step": best["step"],
+              "select_score": best["score"], "select_tasks": best["tasks"],
+              "valid": {t: {k: m[k] for k in ("auc", "ne", "count", "base_rate")}
+                        for t, m in best["metrics"].items()},
+              "command": " ".join(cmd[1:])}
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarize(results: list[dict], configs: list[str]) -> list[dict]:
+    rows = []
+    for name in configs:
+        runs = [r for r in results if r["config"] == name]
+        row = {"config": name, "what": CONFIGS[name][2], "seeds": [r["seed"] for r in runs],
+               "best_steps": [r["best_step"] for r in runs],
+               "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60}
+        for task in runs[0]["valid"]:
+            for key in ("auc", "ne"):
+                row[f"{task}_{key}"], row[f"{task}_{key}_std"] = mean_std([r["valid"][task][key] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") -> list[dict]:
+    """Feed-SR minus DCNv2 per task, next to the seed spread of each (sample std)."""
+    by_name = {r["config"]: r for r in rows}
+    if base not in by_name or model not in by_name:
+        return []
+    a, b = by_name[model], by_name[base]
+    out = []
+    for task in REPORT_TASKS:
+        diff = a[f"{task}_auc"] - b[f"{task}_auc"]
+        spread = max(a[f"{task}_auc_std"], b[f"{task}_auc_std"])
+        out.append({"task": task, "feedsr_minus_dcnv2": diff, "larger_seed_std": spread,
+                    "beyond_spread": diff > spread})
+    return out
+
+
+def positives(results: list[dict]) -> dict[str, dict]:
+    valid = results[0]["valid"]
+    return {t: {"targets": m["count"], "positives": round(m["count"] * m["base_rate"])} for t, m in valid.items()}
+
+
+def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> str:
+    fmt = lambda r, k: f"{r[k]:.4f} ± {r[k + '_std']:.4f}"  # noqa: E731
+    rare = [t for t in counts if t not in REPORT_TASKS]
+    lines = ["| config | what | " + " | ".join(f"{t} AUC" for t in REPORT_TASKS) + " | click NE | best step | min/run |",
+             "|" + "---|" * (len(REPORT_TASKS) + 5)]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['what']} | " + " | ".join(fmt(r, f"{t}_auc") for t in REPORT_TASKS)
+                     + f" | {fmt(r, 'click_ne')} | {', '.join(map(str, r['best_steps']))} | {r['minutes_per_run']:.1f} |")
+    lines += ["", "Rare tasks (validation AUC, mean ± std over seeds; positives in the validation split):", "",
+              "| config | " + " | ".join(f"{t} ({counts[t]['positives']:,})" for t in rare) + " |",
+              "|" + "---|" * (len(rare) + 1)]
+    for r in rows:
+        lines.append(f"| {r['config']} | " + " | ".join(fmt(r, f"{t}_auc") for t in rare) + " |")
+    if diffs:
+        lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread |", "|---|---|---|---|"]
+        for d in diffs:
+            lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "
+                         f"{'yes' if d['beyond_spread'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ensure_data(args)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    jobs = [(name, seed) for seed in args.seeds for name in args.configs]
+    start = time.perf_counter()
+    print(f"[benchmark] {len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+
+    def job(item):
+        result = run_one(args, *item, threads)
+        print(f"[benchmark] {item[0]} seed {item[1]}: best step {result['best_step']}, "
+              + ", ".join(f"{t} {result['valid'][t]['auc']:.4f}" for t in REPORT_TASKS)
+              + f" ({result['seconds'] / 60:.1f} min; {time.perf_counter() - start:.0f} s elapsed)", flush=True)
+        return result
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(job, jobs))
+    rows = summarize(results, args.configs)
+    diffs = differences(rows)
+    table = markdown(rows, diffs, positives(results))
+    total = sum(r["seconds"] for r in results)
+    print(table)
+    print(f"[benchmark] {len(results)} runs, {total / 60:.1f} run-minutes, "
+          f"{(time.perf_counter() - start) / 60:.1f} min wall (runs reused from earlier calls count their own time)")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "summary": rows, "differences": diffs, "runs": results,
+                                         "run_minutes": total / 60}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
