@@ -32,7 +32,7 @@ def member_ids(batches):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("shuffle,bucketing", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("shuffle,bucketing", [(False, False), (False, True), (True, False), (True, True)])
 def test_ranks_and_workers_partition_rows(uneven_split, world_size, num_workers, shuffle, bucketing):
     seen, counts = [], set()
     for rank in range(world_size):
@@ -83,6 +83,19 @@ def test_length_bucketing_cuts_padding(uneven_split):
     assert padding(bucketed) < 0.5 * padding(plain)
     lengths = [int(b.lengths.max()) for b in bucketed]
     assert lengths != sorted(lengths), "bucketed batches should come in random order"
+
+
+def test_evaluation_bucketing_is_deterministic_and_cuts_padding(uneven_split):
+    def padding(batches):
+        return sum(len(b) * b.lengths.max() - b.lengths.sum() for b in batches)
+
+    kw = dict(batch_size=8, shuffle=False, shuffle_buffer=64)
+    plain, _ = epoch_batches(uneven_split, 1, 0, 0, **kw)
+    bucketed, _ = epoch_batches(uneven_split, 1, 0, 0, length_bucketing=True, **kw)
+    again, _ = epoch_batches(uneven_split, 1, 0, 0, length_bucketing=True, **kw)
+    assert member_ids(bucketed) == member_ids(again)
+    assert sorted(member_ids(plain)) == sorted(member_ids(bucketed)) == list(range(203))
+    assert padding(bucketed) < 0.5 * padding(plain)
 
 
 def test_drop_last_gives_full_equal_batches(uneven_split):

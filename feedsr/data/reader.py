@@ -310,7 +310,8 @@ class ReaderConfig:
     seed: int = 0
     shuffle: bool = False
     shuffle_buffer: int = 4096  # rows
-    length_bucketing: bool = False  # batches of similar lengths (less padding), in random order
+    length_bucketing: bool = False  # batches of similar lengths (less padding): random order when
+    # shuffling; without shuffle (evaluation), windows of shuffle_buffer rows sorted by length
     max_seq_len: int = 256
     session_shuffle: bool = False
     session_gap_s: int = 1800
@@ -384,6 +385,8 @@ class SequenceReader(IterableDataset):
         if cfg.shuffle and cfg.shuffle_buffer > 0:
             bucket = cfg.batch_size if cfg.length_bucketing else 0
             blocks = _shuffle_buffer(blocks, cfg.shuffle_buffer, rng, bucket)
+        elif cfg.length_bucketing and cfg.shuffle_buffer > 0:
+            blocks = _sorted_windows(blocks, cfg.shuffle_buffer)
         for i, block in enumerate(_cut(blocks, sizes)):
             index = logical + i * num_workers  # the batch's index in the rank's epoch
             if index < self.skip:
@@ -432,6 +435,22 @@ def _shuffle_buffer(
     if n:
         merged = SequenceBlock.concat(pending).take(rng.permutation(n))
         yield _bucketed(merged, bucket, rng) if bucket else merged
+
+
+def _sorted_windows(blocks: Iterator[SequenceBlock], size: int) -> Iterator[SequenceBlock]:
+    """Unshuffled reading with length bucketing (evaluation): windows of ``size`` rows, each
+    sorted by length (stable), so batches pad little; deterministic, every row exactly once."""
+    pending, n = [], 0
+    for block in blocks:
+        pending.append(block)
+        n += len(block)
+        if n >= size:
+            merged = SequenceBlock.concat(pending)
+            yield merged.take(np.argsort(merged.lengths, kind="stable"))
+            pending, n = [], 0
+    if n:
+        merged = SequenceBlock.concat(pending)
+        yield merged.take(np.argsort(merged.lengths, kind="stable"))
 
 
 def _bucketed(block: SequenceBlock, batch_size: int, rng: np.random.Generator) -> SequenceBlock:
