@@ -150,3 +150,20 @@ def test_both_models_train(name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_transformer_keep_equals_selecting_afterwards(masked):
+    from feedsr.model.transformer import Transformer, interleaved_mask
+
+    torch.manual_seed(0)
+    net = Transformer(16, 2, 2, 32, 0.0, 0.0, 0.5).eval()
+    for block in net.blocks:  # non-trivial residual scales
+        block.alpha_attn.data.fill_(0.7)
+        block.alpha_ffn.data.fill_(1.3)
+    lengths = torch.tensor([3, 5, 1])
+    x = torch.randn(3, 10, 16)
+    mask = interleaved_mask(lengths, 5, None, history=False) if masked else None
+    keep = torch.rand(3, 10) < 0.5
+    full = net(x, None, mask)
+    torch.testing.assert_close(net(x, None, mask, keep=keep), full[keep], rtol=1e-5, atol=1e-6)

@@ -96,8 +96,9 @@ class FeedSR(nn.Module):
         """(N, D + C) per-impression representation at post positions, context late-fused."""
         max_len = int(batch.lengths.max())
         seq, mask = self.tokens(batch, max_len)
-        h = self.transformer(seq, self.rotary(batch, mask), self.attention_mask(batch, max_len))
-        h = h[:, 0::2][mask]  # (N, D): post positions only, padding dropped
+        posts = torch.stack([mask, torch.zeros_like(mask)], dim=2).flatten(1)  # (B, 2T): X_t of real t
+        # (N, D) at post positions, padding dropped, in the batch's impression order
+        h = self.transformer(seq, self.rotary(batch, mask), self.attention_mask(batch, max_len), keep=posts)
         if self.cfg.late_fusion:
             h = torch.cat([h, batch.context], dim=-1)
         return h

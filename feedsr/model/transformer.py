@@ -51,9 +51,10 @@ class SelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, angles: torch.Tensor | None, attn_mask: torch.Tensor | None,
-        attend: Attend | None = None,
+        attend: Attend | None = None, keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, D); angles (B, S, Dh/2) or None; attn_mask (B, 1, S, S) bool or None = causal."""
+        """x (B, S, D); angles (B, S, Dh/2) or None; attn_mask (B, 1, S, S) bool or None = causal.
+        ``keep`` (B, S) bool: project only those tokens' outputs, returned flat (N, D)."""
         q, k, v = self.heads(x, angles)
         if attend is not None:
             y = attend(q, k, v, self.scale)
@@ -65,7 +66,8 @@ class SelfAttention(nn.Module):
                 dropout_p=self.attn_dropout if self.training else 0.0,
                 scale=self.scale,
             )
-        return self.proj(y.transpose(1, 2).flatten(2))
+        y = y.transpose(1, 2).flatten(2)  # (B, S, D)
+        return self.proj(y if keep is None else y[keep])
 
 
 class DecoderBlock(nn.Module):
@@ -82,8 +84,10 @@ class DecoderBlock(nn.Module):
         self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
         self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
 
-    def forward(self, x, angles, attn_mask, attend: Attend | None = None):
-        x = x + self.alpha_attn * self.dropout(self.attn(self.ln_attn(x), angles, attn_mask, attend))
+    def forward(self, x, angles, attn_mask, attend: Attend | None = None, keep: torch.Tensor | None = None):
+        """x (B, S, D) -> (B, S, D); with ``keep`` (B, S) bool, only those tokens, flat (N, D)."""
+        y = self.attn(self.ln_attn(x), angles, attn_mask, attend, keep)
+        x = (x if keep is None else x[keep]) + self.alpha_attn * self.dropout(y)
         return x + self.alpha_ffn * self.dropout(self.ffn(self.ln_ffn(x)))
 
 
@@ -98,10 +102,17 @@ class Transformer(nn.Module):
         )
         self.ln_out = nn.LayerNorm(d_model)
 
-    def forward(self, x, angles=None, attn_mask=None):
-        for block in self.blocks:
+    def forward(self, x, angles=None, attn_mask=None, keep: torch.Tensor | None = None):
+        """x (B, S, D) -> (B, S, D), or with ``keep`` (B, S) bool only the kept tokens, flat (N, D).
+
+        Keys and values need every token in every layer, but the last layer's queries-side work
+        (output projection, residual, FFN, final norm) is needed only for the tokens read
+        afterwards: Feed-SR reads post tokens, so ``keep`` halves that work and skips padding.
+        """
+        *blocks, last = self.blocks
+        for block in blocks:
             x = block(x, angles, attn_mask)
-        return self.ln_out(x)
+        return self.ln_out(last(x, angles, attn_mask, keep=keep))
 
 
 def interleaved_mask(
