@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--data", type=Path, default=REPO / "data/synthetic")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dense blocks (trainer.compile)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -81,13 +83,36 @@ def step_flops(model, lengths: torch.Tensor, num_actions: int, context: int, num
     d = model.transformer.blocks[0].attn.num_heads * model.transformer.blocks[0].attn.head_dim
     impressions = int(lengths.sum())
     tokens = 2 * impressions
-    per_token = cfg.num_layers * (8 * d * d + 4 * d * cfg.ffn_dim)
+    # q, k, v projections for every token in every layer; output projection and FFN for every
+    # token except in the last layer, where only post tokens are computed (actions' outputs are
+    # never read: see Transformer.forward)
+    qkv, rest = 6 * d * d, 2 * d * d + 4 * d * cfg.ffn_dim
+    per_token = cfg.num_layers * qkv + (cfg.num_layers - 1) * rest
     seq = 2 * lengths.double()
     attention = cfg.num_layers * float((4 * d * seq * (seq + 1) / 2).sum())
-    per_impression = 2 * num_actions * d + head_flops(cfg, d + context, num_tasks, num_groups)
+    per_impression = rest + 2 * num_actions * d + head_flops(cfg, d + context, num_tasks, num_groups)
     if cfg.d_model:
         per_impression += 2 * model.posts.out_dim * d
     return 3 * (tokens * per_token + attention + impressions * per_impression)
+
+
+def gemm_ceiling(d: int, ffn: int, rows: int, repeats: int = 10) -> float:
+    """FLOP/s of the model's own matmul shapes alone: (rows x d) through the d->3d, d->d, d->f,
+    f->d linears, forward and backward (3 GEMMs each), no other op. Thin matrices (d = 48) run
+    far below the square-matrix peak: this bounds what the dense part of the model can reach."""
+    x = torch.randn(rows, d, requires_grad=True)
+    layers = [nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False), nn.Linear(d, ffn, bias=False),
+              nn.Linear(ffn, d, bias=False)]
+    inputs = [x, x, x, torch.randn(rows, ffn, requires_grad=True)]
+    flops = 3 * 2 * rows * (3 * d * d + d * d + d * ffn + ffn * d)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        for layer, inp in zip(layers, inputs):
+            layer(inp).sum().backward()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return flops / statistics.median(times)
 
 
 class Reference(nn.Module):
@@ -129,48 +154,48 @@ def time_reference(model, batches, num_tasks) -> float:
     return sum(times)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The FeedSR module inside DMP (and DDP)."""
-    while not hasattr(model, "transformer"):
-        model = getattr(model, "_dmp_wrapped_module", None) or model.module
-    return model
-
-
 def measure(size: str, args, peak: float) -> dict:
     from feedsr.data.tasks import task_groups
     from feedsr.train.config import compose_config, to_config
     from feedsr.train.distributed import distributed
+    from feedsr.train.sharding import compile_dense, unwrap
     from feedsr.train.trainer import Trainer
 
     overrides = [f"data.path={args.data}", "data.num_workers=0", "run_id=bench_train",
-                 "output_root=/tmp/feedsr_bench_train", "trainer.tensorboard=false", *SIZES[size]]
+                 "output_root=/tmp/feedsr_bench_train", "trainer.tensorboard=false", *SIZES[size],
+                 f"trainer.num_threads={torch.get_num_threads()}"]
     config = to_config(compose_config(overrides))
     with distributed("cpu") as ctx:
         trainer = Trainer(config, ctx)
         batches = trainer.batches()
-        sample = [next(batches) for _ in range(args.steps + 3)]
-        model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-        while not hasattr(model, "transformer"):
-            model = getattr(model, "module", None) or model._dmp_wrapped_module
-        for batch in sample[:3]:
+        warm = 10 if args.compile else 3  # compiling: a few shapes until dynamic shapes kick in
+        sample = [next(batches) for _ in range(args.steps + warm)]
+        model = unwrap(trainer.model)
+        if args.compile:
+            compile_dense(trainer.model)
+        for batch in sample[:warm]:
             trainer.train_step(batch)
         start = time.perf_counter()
-        for batch in sample[3:]:
+        for batch in sample[warm:]:
             trainer.train_step(batch)
         seconds = time.perf_counter() - start
-        timed = sample[3:]
+        timed = sample[warm:]
         imps = sum(int(b.lengths.sum()) for b in timed)
         tasks = len(trainer.tasks)
         groups = len(task_groups(trainer.tasks))
         flops = sum(step_flops(model, b.lengths, len(config.data.action_names), len(config.data.context),
                                tasks, groups) for b in timed)
         ref_seconds = time_reference(model, sample, tasks)
+        d = model.transformer.blocks[0].attn.num_heads * model.transformer.blocks[0].attn.head_dim
+        padded_tokens = statistics.median(2 * len(b.lengths) * int(b.lengths.max()) for b in timed)
+        ceiling = gemm_ceiling(d, config.model.ffn_dim, int(padded_tokens))
     return {
         "size": size, "threads": torch.get_num_threads(), "steps": len(timed),
         "impressions_per_s": imps / seconds, "tokens_per_s": 2 * imps / seconds,
         "model_flops_per_step": flops / len(timed), "achieved_flops": flops / seconds,
         "share_of_peak": flops / seconds / peak,
         "reference_impressions_per_s": imps / ref_seconds, "speedup_vs_reference": ref_seconds / seconds,
+        "gemm_shape_flops": ceiling, "gemm_shape_share_of_peak": ceiling / peak,
     }
 
 
@@ -179,16 +204,18 @@ def main(argv=None):
 
     quiet_libraries()
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak()
     print(f"dense fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     rows = [measure(size, args, peak) for size in args.sizes]
     print(f"{'size':8s} {'imps/s':>9s} {'tokens/s':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} "
-          f"{'% peak':>7s} {'ref imps/s':>11s} {'x ref':>6s}")
+          f"{'% peak':>7s} {'ref imps/s':>11s} {'x ref':>6s} {'GEMM-shape % peak':>18s}")
     for r in rows:
         print(f"{r['size']:8s} {r['impressions_per_s']:9,.0f} {r['tokens_per_s']:9,.0f} "
               f"{r['model_flops_per_step'] / 1e9:11.3f} {r['achieved_flops'] / 1e9:8.2f} "
               f"{100 * r['share_of_peak']:6.1f}% {r['reference_impressions_per_s']:11,.0f} "
-              f"{r['speedup_vs_reference']:6.2f}")
+              f"{r['speedup_vs_reference']:6.2f} {100 * r['gemm_shape_share_of_peak']:17.1f}%")
     if args.json:
         args.json.write_text(json.dumps({"matmul_peak_flops": peak, "results": rows}, indent=2) + "\n")
     return rows

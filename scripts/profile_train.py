@@ -22,20 +22,29 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CATEGORIES = {  # operator-name fragments -> category, first match wins
-    "matmul / linear": ("addmm", "aten::mm", "bmm", "matmul", "linear"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
-    "embeddings (TorchRec / FBGEMM)": ("fbgemm", "embedding", "split_embedding", "jagged", "keyed", "tbe"),
-    "optimizer": ("adam", "_foreach", "clip_grad", "norm_"),
-    "elementwise / norms / activations": ("add", "mul", "sub", "div", "gelu", "layer_norm", "native_layer_norm",
-                                          "exp", "sigmoid", "softmax", "where", "neg", "rsqrt", "pow",
-                                          "dropout", "bernoulli", "clamp", "log", "sum", "mean", "cos", "sin"),
-    "copies / indexing / shape": ("copy_", "cat", "index", "gather", "scatter", "masked", "nonzero",
-                                  "empty", "zero", "fill", "clone", "contiguous", "to", "stack", "repeat",
-                                  "cumsum", "arange", "select", "slice", "view", "reshape", "permute",
-                                  "transpose", "expand", "split", "narrow", "unbind", "pad", "item",
-                                  "_local_scalar_dense", "resize", "as_strided", "ones", "full"),
-    "collectives": ("all_reduce", "allreduce", "c10d", "gloo", "barrier"),
+ATEN_CATEGORIES = {  # aten operator (without "aten::") -> category
+    "matmul / linear": {"mm", "addmm", "bmm", "matmul", "linear", "baddbmm"},
+    "attention": {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "scaled_dot_product_attention", "_softmax", "_softmax_backward_data"},
+    "elementwise / norms / activations": {
+        "add", "add_", "mul", "mul_", "sub", "div", "div_", "gelu", "gelu_backward", "native_layer_norm",
+        "native_layer_norm_backward", "exp", "sigmoid", "sigmoid_backward", "where", "neg", "rsqrt", "pow",
+        "bernoulli_", "clamp", "clamp_min", "log", "log1p", "sum", "mean", "cos", "sin", "threshold_backward",
+        "addcmul_", "addcdiv_", "lerp_", "sqrt", "maximum", "minimum", "binary_cross_entropy_with_logits",
+        "sigmoid_", "abs", "_foreach_add_", "_foreach_mul_", "_foreach_lerp_", "_foreach_addcmul_",
+        "_foreach_addcdiv_", "_foreach_sqrt", "_foreach_div_", "_foreach_norm", "linalg_vector_norm", "eq",
+        "lt", "ge", "gt", "le", "ne", "logical_and", "logical_or", "bitwise_and", "isfinite", "any", "all"},
+    "copies / indexing / fills": {
+        "copy_", "cat", "index", "index_put_", "_index_put_impl_", "gather", "scatter", "scatter_add_",
+        "masked_fill_", "masked_select", "nonzero", "empty", "empty_strided", "zero_", "fill_", "clone",
+        "contiguous", "to", "_to_copy", "stack", "repeat", "repeat_interleave", "cumsum", "arange",
+        "zeros", "ones", "full", "new_zeros", "new_empty", "index_select", "embedding", "_local_scalar_dense",
+        "item", "resize_", "flip", "sort", "argsort", "unique", "constant_pad_nd", "tril", "triu"},
+}
+OTHER_CATEGORIES = {  # fragments of non-aten names -> category
+    "embeddings (TorchRec / FBGEMM)": ("fbgemm", "lookup", "embedding", "jagged", "keyed"),
+    "optimizer": ("optimizer.step", "adamw", "adam."),
+    "collectives": ("c10d", "gloo", "allreduce", "barrier"),
 }
 
 
@@ -51,11 +60,23 @@ def parse_args(argv=None):
 
 
 def category(name: str) -> str:
+    if name.startswith("aten::"):
+        op = name[len("aten::"):]
+        for cat, ops in ATEN_CATEGORIES.items():
+            if op in ops:
+                return cat
+        return "shape / view ops" if op in SHAPE_OPS else "other aten"
     lowered = name.lower()
-    for cat, fragments in CATEGORIES.items():
+    for cat, fragments in OTHER_CATEGORIES.items():
         if any(f in lowered for f in fragments):
             return cat
-    return "other"
+    return "autograd / module overhead (self time)"
+
+
+SHAPE_OPS = {"view", "reshape", "permute", "transpose", "t", "expand", "as_strided", "select", "slice",
+             "split", "split_with_sizes", "narrow", "unbind", "unsqueeze", "squeeze", "flatten", "_unsafe_view",
+             "chunk", "detach", "alias", "view_as", "expand_as", "unflatten", "numpy_T", "lift_fresh",
+             "_reshape_alias", "indices", "values", "result_type", "is_nonzero", "size", "stride"}
 
 
 def main(argv=None):

@@ -192,3 +192,14 @@ def test_prune_keeps_the_newest_and_the_protected_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-30", "step-40", "step-50"]
     prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-30", "step-40", "step-50"]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(synthetic_dir, tmp_path):
+    # torch.compile needs a C++ compiler on CPU and minutes of compiling: behind the slow marker
+    base = tiny_overrides(synthetic_dir, tmp_path, "eager") + ["trainer.max_steps=6", "trainer.checkpoint_every=0"]
+    eager = run(compose(base))
+    compiled = run(compose(tiny_overrides(synthetic_dir, tmp_path, "compiled")
+                           + ["trainer.max_steps=6", "trainer.checkpoint_every=0", "trainer.compile=true"]))
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert compiled.valid["click"].auc == pytest.approx(eager.valid["click"].auc, abs=1e-4)

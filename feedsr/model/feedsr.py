@@ -50,7 +50,12 @@ class FeedSR(nn.Module):
         cfg.check_width(width)
         self.input_proj = nn.Linear(self.posts.out_dim, width) if cfg.d_model else nn.Identity()
         self.action_proj = nn.Linear(num_actions, width)
-        self.abs_positions = nn.Embedding(max_seq_len, width) if cfg.position_encoding == "learned" else None
+        self.abs_positions = None
+        if cfg.position_encoding == "learned":
+            # Zero start: nn.Embedding's N(0, 1) would be ~100x the id embeddings (TorchRec inits
+            # them at about +-1/sqrt(rows)) and drown the content of every token.
+            self.abs_positions = nn.Embedding(max_seq_len, width)
+            nn.init.zeros_(self.abs_positions.weight)
         self.transformer = Transformer(width, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
                                        cfg.attn_dropout, cfg.residual_init)
         head_in = width + (context_dim if cfg.late_fusion else 0)

@@ -59,6 +59,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
     num_threads: int | None = None  # torch intra-op threads per process (None: torch's choice)
+    compile: bool = False  # torch.compile the dense blocks (transformer / DCN, heads); embeddings stay eager
     progress: bool = True
     tensorboard: bool = True
     evaluate_test: bool = False  # evaluate the test split at the end and print the table

@@ -59,3 +59,24 @@ def shard_model(model: nn.Module, ctx: DistContext, sparse: str, sparse_lr: floa
 def is_sharded_param(name: str) -> bool:
     """Names of embedding-table parameters (updated by the fused optimizer, never by dense ones)."""
     return ".ec.embeddings." in f".{name}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user model inside DMP (and the DDP that DMP puts around dense parameters)."""
+    while hasattr(model, "_dmp_wrapped_module") or isinstance(model, nn.parallel.DistributedDataParallel):
+        model = getattr(model, "_dmp_wrapped_module", None) or model.module
+    return model
+
+
+def compile_dense(model: nn.Module) -> list[str]:
+    """``torch.compile`` the dense blocks in place (``nn.Module.compile``: parameter names and
+    checkpoints stay the same), with dynamic shapes since batch and sequence lengths vary.
+    The embedding lookups stay eager (TorchRec's sharded modules). Returns what was compiled."""
+    inner = unwrap(model)
+    compiled = []
+    for name in ("transformer", "cross", "deep", "head"):
+        module = getattr(inner, name, None)
+        if isinstance(module, nn.Module):
+            module.compile(dynamic=True)
+            compiled.append(name)
+    return compiled

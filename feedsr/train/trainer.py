@@ -41,7 +41,7 @@ from feedsr.train.loss import MultiTaskLoss, estimate_propensities
 from feedsr.train.hdet import HDET, add_noise, set_attention_temperature, set_dropout
 from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
 from feedsr.train.plots import plot_learning_rates
-from feedsr.train.sharding import shard_model
+from feedsr.train.sharding import compile_dense, shard_model
 from feedsr.data.tasks import task_bitmasks
 
 
@@ -98,6 +98,9 @@ class Trainer:
                                  cfg.optimizer.sparse_eps,
                                  data_parallel=not (hdet.enabled and hdet.mode == "independent"))
         self.sparse_optimizer = self.model.fused_optimizer
+        if cfg.trainer.compile:
+            compiled = compile_dense(self.model)
+            self._log(f"torch.compile: {', '.join(compiled)} (the first steps of each new shape compile)")
         self.dense_optimizer = build_dense_optimizer(self.model, cfg.optimizer)
         self.schedule = schedule_of(cfg.optimizer, cfg.trainer.max_steps)
         self.hdet = self._hdet() if hdet.enabled else None
