@@ -80,10 +80,10 @@ class FeedSR(nn.Module):
         if self.cfg.position_encoding != "rope":
             return None
         batch_size, max_len = mask.shape
-        pos = torch.arange(max_len, device=mask.device).repeat_interleave(2)  # X_t, A_t share t
-        pos = pos[None].expand(batch_size, -1)
-        times = None
+        pos = torch.arange(max_len, device=mask.device).repeat_interleave(2)[None]  # X_t, A_t share t
+        times = None  # without time, every row has the same angles: (1, S, Dh/2) broadcasts
         if self.cfg.rope_time:
+            pos = pos.expand(batch_size, -1)
             ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
             hours = (ts - ts[:, :1]).double() / self.cfg.rope_time_unit_s
             times = hours.float().repeat_interleave(2, dim=1)

@@ -47,7 +47,7 @@ def rope_angles(
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x`` (B, H, S, Dh) by ``angles`` (B, S, Dh/2)."""
+    """Rotate channel pairs of ``x`` (B, H, S, Dh) by ``angles`` (B or 1, S, Dh/2)."""
     cos = torch.cos(angles)[:, None].to(x.dtype)  # (B, 1, S, Dh/2)
     sin = torch.sin(angles)[:, None].to(x.dtype)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]

@@ -172,9 +172,9 @@ class CandidateScorer:
         index = history.lengths
         timeline = _extended_timeline(history, request_times)
         ts, mask = pad_jagged(timeline.timestamps, timeline.lengths, int(timeline.lengths.max()))
-        angles = self.model.rotary(timeline, mask)  # (B, 2(T+1), Dh/2)
+        angles = self.model.rotary(timeline, mask)  # (B or 1, 2(T+1), Dh/2)
         if angles is not None:
-            angles = angles[torch.arange(len(index)), 2 * index]  # the candidate's X token
+            angles = angles.expand(len(index), -1, -1)[torch.arange(len(index)), 2 * index]  # candidate's X
         cfg = self.model.cfg
         if not cfg.use_history:
             visible = torch.zeros_like(index)
@@ -219,7 +219,8 @@ class CandidateScorer:
         x = torch.cat([seq, cand_tokens], dim=1)  # (B, 2T + N, D)
         angles = model.rotary(history, hist_mask)
         if angles is not None:
-            angles = torch.cat([angles, self._candidate_angles(place, cand_tokens.shape[1])], dim=1)
+            angles = torch.cat([angles.expand(len(seq), -1, -1),
+                                self._candidate_angles(place, cand_tokens.shape[1])], dim=1)
         if flex:
             h = self._flex_blocks(x, angles, place, cand_tokens.shape[1])
         else:
