@@ -46,7 +46,7 @@ kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (tempor
 
 bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 + ablations, 3 seeds (docs/benchmarks.md)
 	$(PY) scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
-		--json docs/benchmark_kuairand.json --markdown docs/benchmark_kuairand.md
+		--json docs/benchmark_kuairand.json --markdown runs/benchmark_kuairand.md
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
 	$(PY) scripts/bench_reader.py

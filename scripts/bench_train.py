@@ -9,12 +9,16 @@ cores, fp32 on CPU):
 - steady-state training throughput (impressions/s, tokens/s = 2 per impression) of the full
   trainer step (DMP, fused sparse update, AdamW), after 3 warm-up steps;
 - model FLOPs per step, counted analytically on real (unpadded) tokens, training = 3 x forward:
-    per layer and token: 8 d^2 (q, k, v, output projections) + 4 d f (FFN)
+    per layer and token: 6 d^2 (q, k, v projections)
+    per layer and token, except the last layer: 2 d^2 + 4 d f (output projection, FFN)
     per layer and row of S = 2L tokens: 4 d S (S + 1) / 2 (causal QK^T and AV)
-    per impression: 2 M d (action token) [+ 2 D_in d input projection] + the head
+    per impression: 2 d^2 + 4 d f (the last layer's output projection and FFN, post tokens only)
+      + 2 M d (action token) [+ 2 D_in d input projection] + the head
     (MMoE: experts 2 in h, gates 2 in G E, towers 2 h t + 2 t per task);
 - achieved FLOP/s as a share of the dense matmul peak measured in the same run (torch.mm on
   2048 x 2048 fp32, same threads);
+- two ceilings at the model's own shapes, each as a share of that peak: its linear layers alone
+  (GEMM-shape) and causal SDPA alone (forward + backward at the median batch's shape);
 - the same figures for a reference built from ``torch.nn.TransformerEncoder`` (pre-LN, same width,
   heads, FFN, layers) on the same padded sequences (causal + padding masks) with a linear head and
   AdamW, and the ratio.
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense blocks (trainer.compile)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; 10 with --compile)")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -115,6 +120,20 @@ def gemm_ceiling(d: int, ffn: int, rows: int, repeats: int = 10) -> float:
     return flops / statistics.median(times)
 
 
+def attention_ceiling(rows: int, seq: int, heads: int, head_dim: int, repeats: int = 10) -> float:
+    """FLOP/s of causal SDPA alone (forward + backward) at the model's batch shape; counted like
+    ``step_flops`` (causal half, 3 x forward)."""
+    q, k, v = (torch.randn(rows, heads, seq, head_dim, requires_grad=True) for _ in range(3))
+    flops = 3 * 4 * rows * heads * head_dim * seq * (seq + 1) / 2
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return flops / statistics.median(times)
+
+
 class Reference(nn.Module):
     """nn.TransformerEncoder with equal dimensions: the straightforward implementation."""
 
@@ -168,7 +187,8 @@ def measure(size: str, args, peak: float) -> dict:
     with distributed("cpu") as ctx:
         trainer = Trainer(config, ctx)
         batches = trainer.batches()
-        warm = 10 if args.compile else 3  # compiling: a few shapes until dynamic shapes kick in
+        # compiling: a few shapes until dynamic shapes kick in
+        warm = args.warmup if args.warmup is not None else (10 if args.compile else 3)
         sample = [next(batches) for _ in range(args.steps + warm)]
         model = unwrap(trainer.model)
         if args.compile:
@@ -189,6 +209,11 @@ def measure(size: str, args, peak: float) -> dict:
         d = model.transformer.blocks[0].attn.num_heads * model.transformer.blocks[0].attn.head_dim
         padded_tokens = statistics.median(2 * len(b.lengths) * int(b.lengths.max()) for b in timed)
         ceiling = gemm_ceiling(d, config.model.ffn_dim, int(padded_tokens))
+        seqs = [2 * b.lengths.double() for b in timed]  # the attention term of step_flops
+        attention_flops = 3 * config.model.num_layers * sum(float((4 * d * S * (S + 1) / 2).sum()) for S in seqs)
+        median = sorted(timed, key=lambda b: int(b.lengths.max()))[len(timed) // 2]
+        heads = config.model.num_heads
+        attention = attention_ceiling(len(median.lengths), 2 * int(median.lengths.max()), heads, d // heads)
     return {
         "size": size, "threads": torch.get_num_threads(), "steps": len(timed),
         "impressions_per_s": imps / seconds, "tokens_per_s": 2 * imps / seconds,
@@ -196,6 +221,7 @@ def measure(size: str, args, peak: float) -> dict:
         "share_of_peak": flops / seconds / peak,
         "reference_impressions_per_s": imps / ref_seconds, "speedup_vs_reference": ref_seconds / seconds,
         "gemm_shape_flops": ceiling, "gemm_shape_share_of_peak": ceiling / peak,
+        "attention_share_of_flops": attention_flops / flops, "attention_kernel_flops": attention, "attention_kernel_share_of_peak": attention / peak,
     }
 
 
@@ -210,12 +236,13 @@ def main(argv=None):
     print(f"dense fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     rows = [measure(size, args, peak) for size in args.sizes]
     print(f"{'size':8s} {'imps/s':>9s} {'tokens/s':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} "
-          f"{'% peak':>7s} {'ref imps/s':>11s} {'x ref':>6s} {'GEMM-shape % peak':>18s}")
+          f"{'% peak':>7s} {'ref imps/s':>11s} {'x ref':>6s} {'GEMM-shape % peak':>18s} {'SDPA % peak':>12s}")
     for r in rows:
         print(f"{r['size']:8s} {r['impressions_per_s']:9,.0f} {r['tokens_per_s']:9,.0f} "
               f"{r['model_flops_per_step'] / 1e9:11.3f} {r['achieved_flops'] / 1e9:8.2f} "
               f"{100 * r['share_of_peak']:6.1f}% {r['reference_impressions_per_s']:11,.0f} "
-              f"{r['speedup_vs_reference']:6.2f} {100 * r['gemm_shape_share_of_peak']:17.1f}%")
+              f"{r['speedup_vs_reference']:6.2f} {100 * r['gemm_shape_share_of_peak']:17.1f}% "
+              f"{100 * r['attention_kernel_share_of_peak']:11.1f}%")
     if args.json:
         args.json.write_text(json.dumps({"matmul_peak_flops": peak, "results": rows}, indent=2) + "\n")
     return rows

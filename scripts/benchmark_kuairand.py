@@ -127,7 +127,8 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
 
 
 def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") -> list[dict]:
-    """Feed-SR minus DCNv2 per task, next to the seed spread of each (sample std)."""
+    """Feed-SR minus DCNv2 per task, next to the seed spread (the larger sample std of the two)
+    and the standard error of the difference of means, sqrt(s_a^2 / n_a + s_b^2 / n_b)."""
     by_name = {r["config"]: r for r in rows}
     if base not in by_name or model not in by_name:
         return []
@@ -136,8 +137,9 @@ def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") ->
     for task in REPORT_TASKS:
         diff = a[f"{task}_auc"] - b[f"{task}_auc"]
         spread = max(a[f"{task}_auc_std"], b[f"{task}_auc_std"])
+        se = (a[f"{task}_auc_std"] ** 2 / len(a["seeds"]) + b[f"{task}_auc_std"] ** 2 / len(b["seeds"])) ** 0.5
         out.append({"task": task, "feedsr_minus_dcnv2": diff, "larger_seed_std": spread,
-                    "beyond_spread": diff > spread})
+                    "beyond_spread": diff > spread, "standard_error": se, "in_standard_errors": diff / se})
     return out
 
 
@@ -160,10 +162,12 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> st
     for r in rows:
         lines.append(f"| {r['config']} | " + " | ".join(fmt(r, f"{t}_auc") for t in rare) + " |")
     if diffs:
-        lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread |", "|---|---|---|---|"]
+        lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
+                  "of the difference | difference / SE |", "|---|---|---|---|---|---|"]
         for d in diffs:
             lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "
-                         f"{'yes' if d['beyond_spread'] else 'no'} |")
+                         f"{'yes' if d['beyond_spread'] else 'no'} | {d['standard_error']:.4f} | "
+                         f"{d['in_standard_errors']:+.1f} |")
     return "\n".join(lines)
 
 
