@@ -81,6 +81,12 @@ def head_flops(cfg, in_dim: int, num_tasks: int, num_groups: int) -> int:
     return expert + 2 * widths[-1] * num_tasks
 
 
+def attention_step_flops(num_layers: int, d: int, lengths: torch.Tensor) -> float:
+    """Training FLOPs of causal QK^T and AV over rows of S = 2 x length tokens (3 x forward)."""
+    seq = 2 * lengths.double()
+    return 3 * num_layers * float((4 * d * seq * (seq + 1) / 2).sum())
+
+
 def step_flops(model, lengths: torch.Tensor, num_actions: int, context: int, num_tasks: int,
                num_groups: int) -> float:
     """Training FLOPs of one step on rows of the given lengths (3 x the forward count)."""
@@ -93,12 +99,10 @@ def step_flops(model, lengths: torch.Tensor, num_actions: int, context: int, num
     # never read: see Transformer.forward)
     qkv, rest = 6 * d * d, 2 * d * d + 4 * d * cfg.ffn_dim
     per_token = cfg.num_layers * qkv + (cfg.num_layers - 1) * rest
-    seq = 2 * lengths.double()
-    attention = cfg.num_layers * float((4 * d * seq * (seq + 1) / 2).sum())
     per_impression = rest + 2 * num_actions * d + head_flops(cfg, d + context, num_tasks, num_groups)
     if cfg.d_model:
         per_impression += 2 * model.posts.out_dim * d
-    return 3 * (tokens * per_token + attention + impressions * per_impression)
+    return 3 * (tokens * per_token + impressions * per_impression) + attention_step_flops(cfg.num_layers, d, lengths)
 
 
 def gemm_ceiling(d: int, ffn: int, rows: int, repeats: int = 10) -> float:
@@ -175,21 +179,16 @@ def time_reference(model, batches, num_tasks) -> float:
 
 def measure(size: str, args, peak: float) -> dict:
     from feedsr.data.tasks import task_groups
-    from feedsr.train.config import compose_config, to_config
-    from feedsr.train.distributed import distributed
     from feedsr.train.sharding import compile_dense, unwrap
-    from feedsr.train.trainer import Trainer
+    from feedsr.train.trainer import sampled_trainer
 
     overrides = [f"data.path={args.data}", "data.num_workers=0", "run_id=bench_train",
                  "output_root=/tmp/feedsr_bench_train", "trainer.tensorboard=false", *SIZES[size],
                  f"trainer.num_threads={torch.get_num_threads()}"]
-    config = to_config(compose_config(overrides))
-    with distributed("cpu") as ctx:
-        trainer = Trainer(config, ctx)
-        batches = trainer.batches()
-        # compiling: a few shapes until dynamic shapes kick in
-        warm = args.warmup if args.warmup is not None else (10 if args.compile else 3)
-        sample = [next(batches) for _ in range(args.steps + warm)]
+    # compiling: a few shapes until dynamic shapes kick in
+    warm = args.warmup if args.warmup is not None else (10 if args.compile else 3)
+    with sampled_trainer(overrides, args.steps + warm) as (trainer, sample):
+        config = trainer.config
         model = unwrap(trainer.model)
         if args.compile:
             compile_dense(trainer.model)
@@ -209,8 +208,7 @@ def measure(size: str, args, peak: float) -> dict:
         d = model.transformer.blocks[0].attn.num_heads * model.transformer.blocks[0].attn.head_dim
         padded_tokens = statistics.median(2 * len(b.lengths) * int(b.lengths.max()) for b in timed)
         ceiling = gemm_ceiling(d, config.model.ffn_dim, int(padded_tokens))
-        seqs = [2 * b.lengths.double() for b in timed]  # the attention term of step_flops
-        attention_flops = 3 * config.model.num_layers * sum(float((4 * d * S * (S + 1) / 2).sum()) for S in seqs)
+        attention_flops = sum(attention_step_flops(config.model.num_layers, d, b.lengths) for b in timed)
         median = sorted(timed, key=lambda b: int(b.lengths.max()))[len(timed) // 2]
         heads = config.model.num_heads
         attention = attention_ceiling(len(median.lengths), 2 * int(median.lengths.max()), heads, d // heads)

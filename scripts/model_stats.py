@@ -39,17 +39,11 @@ def count(model) -> dict:
 
 
 def measure(name: str, args) -> dict:
-    from feedsr.train.config import compose_config, to_config
-    from feedsr.train.distributed import distributed
-    from feedsr.train.trainer import Trainer
+    from feedsr.train.trainer import sampled_trainer
 
     overrides = [f"model={name}", f"data.path={args.data}", "data.num_workers=0", "run_id=model_stats",
                  "output_root=/tmp/feedsr_model_stats", "trainer.tensorboard=false", *args.overrides]
-    config = to_config(compose_config(overrides))
-    with distributed("cpu") as ctx:
-        trainer = Trainer(config, ctx)
-        batches = trainer.batches()
-        sample = [next(batches) for _ in range(args.batches + 3)]
+    with sampled_trainer(overrides, args.batches + 3) as (trainer, sample):
         for batch in sample[:3]:
             trainer.train_step(batch)
         times = []

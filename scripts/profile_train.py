@@ -81,9 +81,7 @@ SHAPE_OPS = {"view", "reshape", "permute", "transpose", "t", "expand", "as_strid
 
 def main(argv=None):
     from feedsr.quiet import quiet_libraries
-    from feedsr.train.config import compose_config, to_config
-    from feedsr.train.distributed import distributed
-    from feedsr.train.trainer import Trainer
+    from feedsr.train.trainer import sampled_trainer
 
     quiet_libraries()
     args = parse_args(argv)
@@ -91,11 +89,7 @@ def main(argv=None):
                  "trainer.tensorboard=false", "trainer.progress=false", *args.overrides]
     if args.threads:
         overrides.append(f"trainer.num_threads={args.threads}")
-    config = to_config(compose_config(overrides))
-    with distributed("cpu") as ctx:
-        trainer = Trainer(config, ctx)
-        batches = trainer.batches()
-        sample = [next(batches) for _ in range(args.steps + 3)]
+    with sampled_trainer(overrides, args.steps + 3) as (trainer, sample):
         for batch in sample[:3]:
             trainer.train_step(batch)
         start = time.perf_counter()

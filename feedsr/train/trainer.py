@@ -12,6 +12,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from feedsr.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from feedsr.train.config import Config, ConfigError, to_config
+from feedsr.train.config import Config, ConfigError, compose_config, to_config
 from feedsr.train.distributed import DistContext, distributed
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
 from feedsr.train.hdet import HDET, add_noise, set_attention_temperature, set_dropout
@@ -71,6 +73,17 @@ def run(cfg) -> RunResult:
     config = cfg if isinstance(cfg, Config) else to_config(cfg)
     with distributed(config.trainer.device) as ctx:
         return Trainer(config, ctx).fit()
+
+
+@contextmanager
+def sampled_trainer(overrides: list[str], num_batches: int) -> Iterator[tuple["Trainer", list]]:
+    """A real one-process CPU Trainer for these Hydra overrides and its next ``num_batches``
+    training batches, read up front (for benchmark and profiling scripts: time steps, not reads)."""
+    config = to_config(compose_config(overrides))
+    with distributed("cpu") as ctx:
+        trainer = Trainer(config, ctx)
+        batches = trainer.batches()
+        yield trainer, [next(batches) for _ in range(num_batches)]
 
 
 def default_threads(ctx: DistContext) -> int:
