@@ -49,7 +49,7 @@ def main(argv=None) -> list[dict]:
     from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
     from feedsr.data.synthetic import generate
     from feedsr.data.sequences import read_dataset_meta
-    from feedsr.train.config import to_config
+    from feedsr.runtime.config import to_config
     from omegaconf import OmegaConf
 
     if read_dataset_meta(args.data) is None:

@@ -54,7 +54,7 @@ def build(history: int):
     """(model, BatchSpec): the default model config over the synthetic data's features."""
     from feedsr.data.config import batch_spec
     from feedsr.model import build_model
-    from feedsr.train.config import compose_config, to_config
+    from feedsr.runtime.config import compose_config, to_config
 
     cfg = to_config(compose_config(["data=synthetic", "model=feedsr", "+data.id_tables.item_ids=100000"]))
     spec = batch_spec(cfg.data)

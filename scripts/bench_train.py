@@ -179,7 +179,7 @@ def time_reference(model, batches, num_tasks) -> float:
 
 def measure(size: str, args, peak: float) -> dict:
     from feedsr.data.tasks import task_groups
-    from feedsr.train.sharding import compile_dense, unwrap
+    from feedsr.runtime.sharding import compile_dense, unwrap
     from feedsr.train.trainer import sampled_trainer
 
     overrides = [f"data.path={args.data}", "data.num_workers=0", "run_id=bench_train",

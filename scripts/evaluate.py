@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    from feedsr.train.checkpoint import is_complete, latest_checkpoint
+    from feedsr.runtime.checkpoint import is_complete, latest_checkpoint
 
     if is_complete(path):
         return path
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     quiet_libraries()
     from feedsr.eval.metrics import format_table
     from feedsr.eval.scoring import evaluate_checkpoint
-    from feedsr.train.config import to_config
+    from feedsr.runtime.config import to_config
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     config_file = checkpoint.parent.parent / "config.yaml"

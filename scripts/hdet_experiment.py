@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from feedsr.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +55,6 @@ def configurations(args) -> dict[str, list[str]]:
         "hdet_high": [f"optimizer.lr={high}", *hdet],
         "hdet_high_noauto": [f"optimizer.lr={high}", *hdet, "trainer.hdet.auto_lr=false"],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_one(args, name: str, overrides: list[str], seed: int) -> dict:

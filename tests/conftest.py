@@ -129,20 +129,14 @@ def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
 
 
 def compose(overrides: list[str]):
-    from feedsr.train.config import compose_config
+    from feedsr.runtime.config import compose_config
 
     return compose_config(overrides)
 
 
 # ------------------------------------------------------------------ real multi-process runs
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from feedsr.runtime.distributed import free_port  # noqa: E402,F401  (tests import it from here)
 
 def run_ranks(fn, world_size: int, *args) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` real processes joined by gloo."""

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import REPO, compose, free_port, run_ranks, tiny_overrides
-from feedsr.train.hdet import HDET, HDETConfig, Explorer, decay_factor, meta_delta, multiplier
+from feedsr.runtime.config import HDETConfig
+from feedsr.train.hdet import HDET, Explorer, decay_factor, meta_delta, multiplier
 from feedsr.train.optim import OneCycle
 
 SCHEDULE = OneCycle(peak=0.01, total_steps=100, warmup_pct=0.1, div_factor=25, final_div_factor=1e3)
@@ -93,6 +94,29 @@ def test_base_decays_to_the_floor_without_signal_and_is_clamped():
     assert e.base == 2.0  # clamped
 
 
+def test_dropout_scalar_scales_configured_rates_and_keeps_zeros():
+    """The explored dropout multiplies each module's own rate: a dropout configured 0 stays off
+    (it used to be overwritten with the explored value, attention and head included)."""
+    from conftest import MODEL_SPEC
+
+    from feedsr.model import build_model
+    from feedsr.model.config import ModelConfig
+    from feedsr.model.heads import HeadConfig
+    from feedsr.model.transformer import SelfAttention
+    from feedsr.train.hdet import scale_dropout
+
+    cfg = ModelConfig(embedding_dim=8, dropout=0.2, attn_dropout=0.0,
+                      head=HeadConfig(gate_dropout=0.1, dropout=0.0))
+    model = build_model(cfg, MODEL_SPEC, 16, device=torch.device("cpu"))
+    before = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert {0.0, 0.1, 0.2} <= set(before)
+    for scale in (1.5, 0.5):  # twice: the configured rates are remembered, not compounded
+        scale_dropout(model, scale)
+        after = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert after == pytest.approx([p * scale for p in before])
+        assert all(m.attn_dropout == 0.0 for m in model.modules() if isinstance(m, SelfAttention))
+
+
 def test_state_round_trip_keeps_own_rank():
     a = hdet_for(1, 4)
     a._update_learning_rates(30, np.array([1.0, 0.9, 1.1, 1.0]))
@@ -106,8 +130,8 @@ def test_state_round_trip_keeps_own_rank():
 
 
 def _trainer(rank, world_size, data_dir, run_root, run_id, extra):
-    from feedsr.train.config import to_config
-    from feedsr.train.distributed import distributed
+    from feedsr.runtime.config import to_config
+    from feedsr.runtime.distributed import distributed
     from feedsr.train.trainer import Trainer
 
     overrides = tiny_overrides(Path(data_dir), Path(run_root), run_id) + [
@@ -253,8 +277,8 @@ def test_two_process_validation_matches_single_process_metrics(synthetic_dir, tm
     """A 2-process run of the default model trains; its (reduced) validation metrics equal what the
     single-process evaluation computes from the same checkpoint."""
     from feedsr.eval.scoring import evaluate_checkpoint
-    from feedsr.train.checkpoint import latest_checkpoint
-    from feedsr.train.config import to_config
+    from feedsr.runtime.checkpoint import latest_checkpoint
+    from feedsr.runtime.config import to_config
 
     cmd = _torchrun(synthetic_dir, tmp_path, "two", 40, ["trainer=default", "optimizer.lr=0.005",
                                                           "trainer.val_max_batches=null"])
@@ -273,7 +297,7 @@ def test_two_process_validation_matches_single_process_metrics(synthetic_dir, tm
 def _scalars_and_noise(rank, world_size, data_dir, run_root, out):
     from feedsr.model.transformer import SelfAttention
 
-    scalars = ("trainer.hdet.scalars=[{name: dropout, alpha: 0.5, max_value: 0.5},"
+    scalars = ("trainer.hdet.scalars=[{name: dropout, alpha: 0.5},"
                "{name: weight_decay, alpha: 0.5},{name: attention_temperature, alpha: 0.2, min_value: 0.5,"
                " max_value: 2.0}]")
     clean = _trainer(rank, world_size, data_dir, run_root, "plain", ["trainer.hdet.noise=0.0"])
@@ -285,8 +309,9 @@ def _scalars_and_noise(rank, world_size, data_dir, run_root, out):
     record = {"noise_rel": rel, "noisy_same": _same_everywhere(_dense_fingerprint(noisy)),
               "plain_same": _same_everywhere(_dense_fingerprint(clean))}
 
-    def applied(t):
-        drop = {m.p for m in t.model.modules() if isinstance(m, torch.nn.Dropout)}
+    def applied(t):  # the dropout scale each module applies to its configured rate (0: none)
+        drop = {m.p / m.configured_p for m in t.model.modules()
+                if isinstance(m, torch.nn.Dropout) and m.configured_p > 0}
         temp = {m.temperature for m in t.model.modules() if isinstance(m, SelfAttention)}
         wd = {g["weight_decay"] for g in t.dense_optimizer.param_groups if g["name"] != "no_decay"}
         return {"dropout": drop, "temperature": temp, "weight_decay": wd}
@@ -318,6 +343,26 @@ def test_scalars_and_warm_noisy_start_in_real_processes(synthetic_dir, tmp_path)
     assert r["applied_matches"] and r["applied_after"]
     rank0, rank1 = r["values"]
     assert all(rank0[k] != rank1[k] for k in rank0)  # every scalar fanned out across replicas
-    for name, base in (("dropout", 0.1), ("weight_decay", 0.01), ("attention_temperature", 1.0)):
+    for name, base in (("dropout", 1.0), ("weight_decay", 0.01), ("attention_temperature", 1.0)):
         assert math.isclose((rank0[name] + rank1[name]) / 2, base, rel_tol=1e-12)
     assert isinstance(r["clean_losses"], float) and math.isfinite(r["clean_losses"])
+
+
+@pytest.mark.gpu
+def test_converge_under_nccl_on_one_gpu(tmp_path):
+    """HDET's converge under NCCL, which takes CUDA tensors only: its loss all-gather was a CPU
+    float64 tensor and failed at the first converge of every GPU run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        h = hdet_for(0, 1, converge_every=1, warm_steps=0)
+        params = [torch.randn(5, 3, device="cuda"), torch.randn(7, device="cuda")]
+        before = [p.clone() for p in params]
+        h.record_loss(0.7)
+        report = h.converge(10, params, clean_loss=0.5)
+        assert report["window_losses"] == [pytest.approx(0.7)] and report["updated"]
+        assert all(torch.equal(a, b) and a.is_cuda for a, b in zip(params, before))  # mean of one
+    finally:
+        dist.destroy_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from feedsr.runtime.distributed import free_port
 from feedsr.eval.metrics import MetricAccumulator, format_table, log_loss, roc_auc
 
 TASKS = ["click", "like"]
@@ -203,12 +203,6 @@ def gather_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             json.dump(results, f)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_all_gather_equals_single_process(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from conftest import MODEL_SPEC
 from feedsr.model import build_model
 from feedsr.model.config import ModelConfig
-from feedsr.train.config import OptimizerConfig
+from feedsr.runtime.config import OptimizerConfig
 from feedsr.train.optim import OneCycle, build_dense_optimizer, dense_parameters
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from feedsr.runtime.collectives import all_gather_rows
+
 # Predictions are clipped before the log so that one confident mistake costs a large but finite loss.
 LOG_LOSS_EPS = 1e-7
 
@@ -210,43 +212,15 @@ class MetricAccumulator:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        preds, labels, true_probs = self.arrays()
-        device = _collective_device(group)
-        sizes = _all_gather_sizes(len(preds), device, group)
         gathered = MetricAccumulator(self.task_names, from_logits=self.from_logits)
-        gathered._preds = [_all_gather_rows(preds, sizes, device, group)]
-        gathered._labels = [_all_gather_rows(labels, sizes, device, group)]
-        gathered._true_probs = [_all_gather_rows(true_probs, sizes, device, group)]
+        for name, rows in zip(("_preds", "_labels", "_true_probs"), self.arrays()):
+            setattr(gathered, name, [all_gather_rows(torch.from_numpy(rows), group).numpy()])
         return gathered
 
 
 def _host_copy(t: torch.Tensor) -> np.ndarray:
     """A CPU copy: a CPU tensor's .numpy() shares memory, and the caller may reuse its buffers."""
     return t.to("cpu", copy=True).numpy()
-
-
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    """NCCL moves only CUDA tensors; gloo and the rest take CPU tensors."""
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_sizes(num_rows: int, device: torch.device, group) -> list[int]:
-    """Every rank's row count, in rank order."""
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([num_rows], dtype=torch.int64, device=device), group=group)
-    return [int(s) for s in sizes]
-
-
-def _all_gather_rows(rows: np.ndarray, sizes: list[int], device: torch.device, group) -> np.ndarray:
-    """Concatenate every rank's (sizes[r], K) array; all_gather needs equal shapes, so pad to the max."""
-    local = torch.from_numpy(rows).to(device)
-    padded = local.new_zeros((max(sizes), rows.shape[1]))
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu().numpy()
 
 
 _COLUMNS = (  # header, TaskMetrics field, format

@@ -10,10 +10,10 @@ from feedsr.data.config import batch_spec, build_loader, ensure_dataset, tasks_o
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics
 from feedsr.model import build_model
-from feedsr.train.checkpoint import load_sharded
-from feedsr.train.config import Config
-from feedsr.train.distributed import distributed
-from feedsr.train.sharding import shard_model
+from feedsr.runtime.checkpoint import load_sharded
+from feedsr.runtime.config import Config
+from feedsr.runtime.distributed import distributed
+from feedsr.runtime.sharding import shard_model
 
 
 def evaluate_checkpoint(config: Config, checkpoint: Path, split: str) -> dict[str, TaskMetrics]:

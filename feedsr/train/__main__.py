@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from feedsr.quiet import quiet_libraries
-from feedsr.train.config import CONFIG_DIR, ConfigError
+from feedsr.runtime.config import CONFIG_DIR, ConfigError
 
 quiet_libraries()
 

@@ -22,65 +22,14 @@ They keep the sparse optimizer's single learning rate on every rank.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class ScalarConfig:
-    """Another scalar explored through the same protocol (scored on the clean loss)."""
-
-    name: str = "dropout"  # dropout | weight_decay | attention_temperature
-    alpha: float = 0.5  # spread: values over [base (1 - alpha), base (1 + alpha)]
-    auto: bool = True  # meta-update the base at converges (else spread + averaging only)
-    min_value: float = 0.0
-    max_value: float = 1.0
-
-    def __post_init__(self):
-        if self.name not in SCALARS:
-            raise ValueError(f"hdet scalar name must be one of {sorted(SCALARS)}, got '{self.name}'")
-        if not 0 <= self.alpha < 1:
-            raise ValueError(f"hdet scalar '{self.name}': alpha must be in [0, 1), got {self.alpha}")
-        if self.min_value > self.max_value:
-            raise ValueError(f"hdet scalar '{self.name}': min_value > max_value")
-
-
-SCALARS = ("dropout", "weight_decay", "attention_temperature")
-
-
-@dataclass
-class HDETConfig:
-    enabled: bool = False
-    mode: str = "sync"  # sync: DDP every step | independent: no gradient sync between converges
-    alpha: float = 1 / 9  # learning-rate spread; 0 = plain DDP
-    converge_every: int = 1000  # T
-    auto_lr: bool = True
-    warm_steps: int = 0  # S_warm: meta-updates from this step on
-    sigma: float = 0.1  # softmax temperature over loss gaps
-    lam: float = 0.5  # lambda: step size of the base update
-    beta: float = 0.9  # velocity momentum
-    lr_max_factor: float = 10.0  # base clamped to [schedule floor, peak * lr_max_factor]
-    noise: float = 0.0  # warm noisy start: nu (0 = off)
-    seed: int = 0  # seeds the shared permutation generator (identical on every rank)
-    scalars: list[ScalarConfig] = field(default_factory=list)
-    clean_batch_rows: int = 256  # held-out rows for the clean loss (scalars)
-
-    def __post_init__(self):
-        if self.mode not in ("sync", "independent"):
-            raise ValueError(f"trainer.hdet.mode must be sync or independent, got '{self.mode}'")
-        if not 0 <= self.alpha < 1:
-            raise ValueError(f"trainer.hdet.alpha must be in [0, 1), got {self.alpha}")
-        if self.converge_every < 1:
-            raise ValueError(f"trainer.hdet.converge_every must be >= 1, got {self.converge_every}")
-        if self.sigma <= 0 or not 0 <= self.beta < 1 or self.lam < 0:
-            raise ValueError(f"hdet needs sigma > 0, 0 <= beta < 1, lam >= 0; got "
-                             f"{self.sigma}, {self.beta}, {self.lam}")
-        if self.noise < 0:
-            raise ValueError(f"trainer.hdet.noise must be >= 0, got {self.noise}")
+from feedsr.runtime.collectives import all_gather, all_reduce
+from feedsr.runtime.config import HDETConfig
 
 
 def multiplier(index: int, world_size: int, alpha: float) -> float:
@@ -150,8 +99,7 @@ def average_parameters(params: list[torch.Tensor], group=None) -> None:
     if not params:
         return
     flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= dist.get_world_size(group)
+    flat = all_reduce(flat, group=group) / dist.get_world_size(group)
     offset = 0
     with torch.no_grad():
         for p in params:
@@ -168,14 +116,25 @@ def add_noise(params: list[torch.Tensor], nu: float, generator: torch.Generator)
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu").to(p.device) * std)
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
+MAX_DROPOUT = 0.9  # a scaled rate never reaches 1 (all activations dropped)
+
+
+def scale_dropout(model: nn.Module, scale: float) -> None:
+    """Set every dropout rate to ``scale`` x the rate it was configured with (0 stays 0).
+
+    The configured rates (model.dropout, model.attn_dropout, the head's dropout and gate dropout)
+    differ on purpose; one explored value written over all of them would switch on dropouts a user
+    configured off. The configured rate is remembered on each module at the first call.
+    """
     from feedsr.model.transformer import SelfAttention
 
     for m in model.modules():
         if isinstance(m, nn.Dropout):
-            m.p = p
+            m.configured_p = getattr(m, "configured_p", m.p)
+            m.p = min(m.configured_p * scale, MAX_DROPOUT)
         elif isinstance(m, SelfAttention):
-            m.attn_dropout = p
+            m.configured_attn_dropout = getattr(m, "configured_attn_dropout", m.attn_dropout)
+            m.attn_dropout = min(m.configured_attn_dropout * scale, MAX_DROPOUT)
 
 
 def set_attention_temperature(model: nn.Module, t: float) -> None:
@@ -210,7 +169,8 @@ class HDET:
         for sc in cfg.scalars:
             explorer = Explorer(sc.name, sc.alpha, world_size, self.generator)
             explorer.base = scalar_bases[sc.name]
-            self.scalars[sc.name] = (sc, explorer)
+            high = 2 * explorer.base if sc.max_value is None else sc.max_value
+            self.scalars[sc.name] = (sc, explorer, high)
         self.window_sum, self.window_steps = 0.0, 0
 
     # ------------------------------------------------------------------ per step
@@ -227,7 +187,7 @@ class HDET:
 
     def scalar_values(self, rank: int | None = None) -> dict[str, float]:
         rank = self.rank if rank is None else rank
-        return {name: e.value(rank, e.base) for name, (_, e) in self.scalars.items()}
+        return {name: e.value(rank, e.base) for name, (_, e, _) in self.scalars.items()}
 
     def record_loss(self, loss: float) -> None:
         self.window_sum += loss
@@ -245,9 +205,7 @@ class HDET:
         """
         window = self.window_sum / max(self.window_steps, 1)
         mine = torch.tensor([window, float("nan") if clean_loss is None else clean_loss], dtype=torch.float64)
-        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine)
-        losses = torch.stack(gathered).numpy()  # (W, 2): window loss, clean loss per rank
+        losses = all_gather(mine).numpy()  # (W, 2): window loss, clean loss per rank
         report = {"step": step, "window_losses": losses[:, 0].tolist(), "updated": False}
         if self.cfg.auto_lr and step >= self.cfg.warm_steps and np.isfinite(losses[:, 0]).all():
             self._update_learning_rates(step, losses[:, 0])
@@ -269,11 +227,11 @@ class HDET:
             explorer.redraw(self.generator)
 
     def _update_scalars(self, clean_losses: np.ndarray) -> None:
-        for name, (sc, explorer) in self.scalars.items():
+        for name, (sc, explorer, high) in self.scalars.items():
             if sc.auto:
                 values = np.array([self.scalar_values(r)[name] for r in range(self.world_size)])
                 explorer.update(clean_losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam,
-                                0.0, sc.min_value, sc.max_value)
+                                0.0, sc.min_value, high)
             explorer.redraw(self.generator)
 
     # ------------------------------------------------------------------ state
@@ -282,7 +240,7 @@ class HDET:
         return {
             "generator": self.generator.bit_generator.state,
             "lr": {g: e.state_dict() for g, e in self.lr.items()},
-            "scalars": {n: e.state_dict() for n, (_, e) in self.scalars.items()},
+            "scalars": {n: e.state_dict() for n, (_, e, _) in self.scalars.items()},
             "window": (self.window_sum, self.window_steps),
         }
 
@@ -291,6 +249,6 @@ class HDET:
         self.generator.bit_generator.state = state["generator"]
         for g, e in self.lr.items():
             e.load_state_dict(state["lr"][g])
-        for n, (_, e) in self.scalars.items():
+        for n, (_, e, _) in self.scalars.items():
             e.load_state_dict(state["scalars"][n])
         self.window_sum, self.window_steps = state["window"]

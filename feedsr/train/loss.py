@@ -21,32 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from feedsr.data.batch import Batch
+from feedsr.runtime.config import LossConfig
 
 SECONDS_PER_DAY = 86_400.0
-
-
-@dataclass
-class LossConfig:
-    ipw: bool = True
-    propensities: list[float] | None = None  # per feed position; null: estimate from train data
-    ipw_num_positions: int = 60
-    ipw_min_propensity: float = 0.1  # clip: no weight above 10
-    ipw_reference_task: int = 0  # task whose positive rate by position estimates propensities
-    position_decay: bool = True
-    temporal_decay: bool = True
-    temporal_half_life_days: float = 60.0
-    temporal_min_weight: float = 1e-4
-    label_smoothing: float = 0.0
-
-    def __post_init__(self):
-        if not 0 < self.ipw_min_propensity <= 1:
-            raise ValueError(f"loss.ipw_min_propensity must be in (0, 1], got {self.ipw_min_propensity}")
-        if self.temporal_half_life_days <= 0:
-            raise ValueError(f"loss.temporal_half_life_days must be > 0, got {self.temporal_half_life_days}")
-        if self.propensities is not None and not all(0 < p <= 1 for p in self.propensities):
-            raise ValueError(f"loss.propensities must be in (0, 1], got {self.propensities}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclass

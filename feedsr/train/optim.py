@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from feedsr.train.sharding import is_sharded_param
+from feedsr.runtime.sharding import is_sharded_param
 
 GROUPS = ("transformer", "dense", "no_decay")
 NO_DECAY_NAMES = ("position_bias", "abs_positions")

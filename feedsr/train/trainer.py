@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -28,7 +27,8 @@ from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_f
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
-from feedsr.train.checkpoint import (
+from feedsr.runtime.collectives import all_reduce, barrier
+from feedsr.runtime.checkpoint import (
     checkpoint_path,
     is_complete,
     latest_checkpoint,
@@ -37,13 +37,13 @@ from feedsr.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from feedsr.train.config import Config, ConfigError, compose_config, to_config
-from feedsr.train.distributed import DistContext, distributed
+from feedsr.runtime.config import Config, ConfigError, compose_config, to_config
+from feedsr.runtime.distributed import DistContext, distributed
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
-from feedsr.train.hdet import HDET, add_noise, set_attention_temperature, set_dropout
+from feedsr.train.hdet import HDET, add_noise, scale_dropout, set_attention_temperature
 from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
 from feedsr.train.plots import plot_learning_rates
-from feedsr.train.sharding import compile_dense, shard_model
+from feedsr.runtime.sharding import compile_dense, shard_model
 from feedsr.data.tasks import task_bitmasks
 
 
@@ -134,7 +134,7 @@ class Trainer:
         """Rank 0 generates synthetic data if needed; the others wait, then read its metadata."""
         if self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
-        dist.barrier()
+        barrier()
         if not self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
         return meta
@@ -174,7 +174,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
             (self.run_dir / "config.yaml").write_text(resolved)
-        dist.barrier()
+        barrier()
         resume = latest_checkpoint(self.run_dir)
         if resume is not None:
             load_sharded(resume, self.model, self.sparse_optimizer)
@@ -201,7 +201,7 @@ class Trainer:
     def _hdet(self) -> HDET:
         cfg = self.config
         groups = [g["name"] for g in self.dense_optimizer.param_groups]
-        bases = {"dropout": cfg.model.dropout, "weight_decay": cfg.optimizer.weight_decay,
+        bases = {"dropout": 1.0, "weight_decay": cfg.optimizer.weight_decay,
                  "attention_temperature": 1.0}
         return HDET(cfg.trainer.hdet, self.ctx.rank, self.ctx.world_size, self.schedule, groups, bases,
                     cfg.trainer.max_steps)
@@ -225,7 +225,7 @@ class Trainer:
             return
         values = self.hdet.scalar_values()
         if "dropout" in values:
-            set_dropout(self.model, values["dropout"])
+            scale_dropout(self.model, values["dropout"])
         if "attention_temperature" in values:
             set_attention_temperature(self.model, values["attention_temperature"])
         if "weight_decay" in values:
@@ -274,7 +274,7 @@ class Trainer:
         local = float(out.loss.detach()) if bool(finite) else float("nan")
         stats = torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(),
                              (~finite).float(), torch.tensor(float(batch.lengths.sum()), device=finite.device)])
-        dist.all_reduce(stats)
+        stats = all_reduce(stats)
         if stats[1] > 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.step + 1} (on {int(stats[1])} rank(s)); "

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from feedsr.train.distributed import DistContext
+from feedsr.runtime.collectives import barrier
+from feedsr.runtime.distributed import DistContext
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -80,18 +80,18 @@ def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_stat
     path = checkpoint_path(run_dir, step)
     if ctx.is_main and path.exists():  # a leftover of an interrupted save of this same step
         shutil.rmtree(path)
-    dist.barrier()
+    barrier()
     dcp.save(sharded_state(model, sparse_optimizer), checkpoint_id=path / "sharded")
     tmp = path / f"rank-{ctx.rank}.pt.tmp"
     torch.save(rank_state | {"rank": ctx.rank, "world_size": ctx.world_size, "rng": rng_state()}, tmp)
     os.replace(tmp, path / f"rank-{ctx.rank}.pt")
-    dist.barrier()
+    barrier()
     if ctx.is_main:
         marker = path / (COMPLETE + ".tmp")
         marker.write_text(f"step {step}, world size {ctx.world_size}\n")
         os.replace(marker, path / COMPLETE)
         prune(checkpoint_root(run_dir), keep, protect)
-    dist.barrier()
+    barrier()
     return path
 
 

@@ -34,6 +34,15 @@ class DistContext:
         return self.rank == 0
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous: tests, experiment scripts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but CUDA is not available")

@@ -14,8 +14,89 @@ from omegaconf.errors import OmegaConfBaseException
 
 from feedsr.data.config import DataConfig
 from feedsr.model.config import ModelConfig
-from feedsr.train.hdet import HDETConfig
-from feedsr.train.loss import LossConfig
+
+
+@dataclass
+class LossConfig:
+    ipw: bool = True
+    propensities: list[float] | None = None  # per feed position; null: estimate from train data
+    ipw_num_positions: int = 60
+    ipw_min_propensity: float = 0.1  # clip: no weight above 10
+    ipw_reference_task: int = 0  # task whose positive rate by position estimates propensities
+    position_decay: bool = True
+    temporal_decay: bool = True
+    temporal_half_life_days: float = 60.0
+    temporal_min_weight: float = 1e-4
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0 < self.ipw_min_propensity <= 1:
+            raise ValueError(f"loss.ipw_min_propensity must be in (0, 1], got {self.ipw_min_propensity}")
+        if self.temporal_half_life_days <= 0:
+            raise ValueError(f"loss.temporal_half_life_days must be > 0, got {self.temporal_half_life_days}")
+        if self.propensities is not None and not all(0 < p <= 1 for p in self.propensities):
+            raise ValueError(f"loss.propensities must be in (0, 1], got {self.propensities}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class ScalarConfig:
+    """Another scalar explored through HDET's protocol (scored on the clean loss).
+
+    ``dropout`` is a multiplier on every configured dropout rate (starting at 1: rates configured 0
+    stay 0); ``weight_decay`` and ``attention_temperature`` are the values themselves (starting at
+    optimizer.weight_decay and 1).
+    """
+
+    name: str = "dropout"  # dropout | weight_decay | attention_temperature
+    alpha: float = 0.5  # spread: values over [base (1 - alpha), base (1 + alpha)]
+    auto: bool = True  # meta-update the base at converges (else spread + averaging only)
+    min_value: float = 0.0
+    max_value: float | None = None  # None: twice the starting value
+
+    def __post_init__(self):
+        if self.name not in SCALARS:
+            raise ValueError(f"hdet scalar name must be one of {sorted(SCALARS)}, got '{self.name}'")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"hdet scalar '{self.name}': alpha must be in [0, 1), got {self.alpha}")
+        if self.min_value < 0 or (self.max_value is not None and self.min_value > self.max_value):
+            raise ValueError(f"hdet scalar '{self.name}': need 0 <= min_value <= max_value, got "
+                             f"{self.min_value}, {self.max_value}")
+
+
+SCALARS = ("dropout", "weight_decay", "attention_temperature")
+
+
+@dataclass
+class HDETConfig:
+    enabled: bool = False
+    mode: str = "sync"  # sync: DDP every step | independent: no gradient sync between converges
+    alpha: float = 1 / 9  # learning-rate spread; 0 = plain DDP
+    converge_every: int = 1000  # T
+    auto_lr: bool = True
+    warm_steps: int = 0  # S_warm: meta-updates from this step on
+    sigma: float = 0.1  # softmax temperature over loss gaps
+    lam: float = 0.5  # lambda: step size of the base update
+    beta: float = 0.9  # velocity momentum
+    lr_max_factor: float = 10.0  # base clamped to [schedule floor, peak * lr_max_factor]
+    noise: float = 0.0  # warm noisy start: nu (0 = off)
+    seed: int = 0  # seeds the shared permutation generator (identical on every rank)
+    scalars: list[ScalarConfig] = field(default_factory=list)
+    clean_batch_rows: int = 256  # held-out rows for the clean loss (scalars)
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "independent"):
+            raise ValueError(f"trainer.hdet.mode must be sync or independent, got '{self.mode}'")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"trainer.hdet.alpha must be in [0, 1), got {self.alpha}")
+        if self.converge_every < 1:
+            raise ValueError(f"trainer.hdet.converge_every must be >= 1, got {self.converge_every}")
+        if self.sigma <= 0 or not 0 <= self.beta < 1 or self.lam < 0:
+            raise ValueError(f"hdet needs sigma > 0, 0 <= beta < 1, lam >= 0; got "
+                             f"{self.sigma}, {self.beta}, {self.lam}")
+        if self.noise < 0:
+            raise ValueError(f"trainer.hdet.noise must be >= 0, got {self.noise}")
 
 
 @dataclass
@@ -96,7 +177,7 @@ class Config:
 
 
 SCHEMA_NAME = "feedsr_schema"
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"  # inside the package: a plain `pip install .` ships it
 
 
 def register_schema() -> None:

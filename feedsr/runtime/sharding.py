@@ -19,7 +19,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
-from feedsr.train.distributed import DistContext
+from feedsr.runtime.distributed import DistContext
 
 CPU_SHARDING_TYPES = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value,
                       ShardingType.COLUMN_WISE.value]
