@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="split to score (default: test)")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's eval_batch_size)")
+    p.add_argument("--max-rows", type=int, help="score only the split's first N rows in file order "
+                   "(what trainer.val_max_rows validates on; default: every row)")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,7 @@ def main(argv=None) -> dict:
                                eval_batch_size=args.batch_size or config.data.eval_batch_size)
     config = dataclasses.replace(config, data=data)
     start = time.perf_counter()
-    metrics = evaluate_checkpoint(config, checkpoint, args.split)
+    metrics = evaluate_checkpoint(config, checkpoint, args.split, args.max_rows)
     seconds = time.perf_counter() - start
     print(f"{checkpoint} on {data.path} [{args.split}] ({seconds:.1f} s)")
     print(format_table(metrics))

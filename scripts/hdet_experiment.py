@@ -66,7 +66,7 @@ def run_one(args, name: str, overrides: list[str], seed: int) -> dict:
            "data.batch_size=32", "data.num_workers=0", "data.max_seq_len=128",
            "model.num_layers=2", "model.ffn_dim=128",
            f"trainer.max_steps={args.steps}", "trainer.checkpoint_every=0", "trainer.progress=false",
-           "trainer.val_max_batches=40", "trainer.num_threads=1", "optimizer.grad_clip=0", *overrides]
+           "trainer.val_max_rows=40960", "trainer.num_threads=1", "optimizer.grad_clip=0", *overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start

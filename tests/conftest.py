@@ -125,6 +125,7 @@ def tiny_overrides(data_dir: Path, run_root: Path, run_id: str) -> list[str]:
         "model.head.expert_dims=[32]", "model.head.tower_dims=[16]", "model.position_bias.score_position=null",
         f"output_root={run_root}", f"run_id={run_id}",
         "trainer.progress=false", "trainer.tensorboard=false", "trainer.num_threads=1",
+        "trainer.log_every=1",
     ]
 
 

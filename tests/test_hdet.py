@@ -241,7 +241,7 @@ def _torchrun(data_dir, run_root, run_id, steps, extra=()):
             "--master-port", str(free_port()), "-m", "feedsr.train",
             *tiny_overrides(data_dir, run_root, run_id), "trainer=hdet", f"trainer.max_steps={steps}",
             "trainer.hdet.converge_every=4", "trainer.hdet.warm_steps=4", "trainer.checkpoint_every=6",
-            "trainer.keep_checkpoints=3", "trainer.val_max_batches=4", "model.dropout=0.1",
+            "trainer.keep_checkpoints=3", "trainer.val_max_rows=1024", "model.dropout=0.1",
             "data.num_workers=0", *extra]
 
 
@@ -274,20 +274,23 @@ def test_killed_hdet_run_resumes_each_rank_exactly(synthetic_dir, tmp_path):
 
 
 def test_two_process_validation_matches_single_process_metrics(synthetic_dir, tmp_path):
-    """A 2-process run of the default model trains; its (reduced) validation metrics equal what the
-    single-process evaluation computes from the same checkpoint."""
+    """A 2-process run of the default model trains; its (reduced) validation metrics over the
+    split's first val_max_rows rows equal what one process computes on those rows from the same
+    checkpoint (the cap is in global rows: it used to be batches per rank)."""
     from feedsr.eval.scoring import evaluate_checkpoint
     from feedsr.runtime.checkpoint import latest_checkpoint
     from feedsr.runtime.config import to_config
 
     cmd = _torchrun(synthetic_dir, tmp_path, "two", 40, ["trainer=default", "optimizer.lr=0.005",
-                                                          "trainer.val_max_batches=null"])
+                                                          "trainer.val_max_rows=700"])
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     logged = json.loads((tmp_path / "two" / "valid_metrics.jsonl").read_text().splitlines()[-1])["metrics"]
     config = to_config(compose(tiny_overrides(synthetic_dir, tmp_path, "two")))
-    single = evaluate_checkpoint(config, latest_checkpoint(tmp_path / "two"), "valid")
+    single = evaluate_checkpoint(config, latest_checkpoint(tmp_path / "two"), "valid", max_rows=700)
+    everything = evaluate_checkpoint(config, latest_checkpoint(tmp_path / "two"), "valid")
     losses = [json.loads(x)["loss"] for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert single["click"].count < everything["click"].count  # the cap took effect
     for task, m in single.items():
         assert logged[task]["count"] == m.count
         assert logged[task]["auc"] == pytest.approx(m.auc, abs=1e-4)

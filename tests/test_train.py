@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, compose, tiny_overrides
 from feedsr.eval.scoring import evaluate_checkpoint
-from feedsr.train.checkpoint import is_complete, latest_checkpoint
-from feedsr.train.config import ConfigError, to_config
-from feedsr.train.trainer import NonFiniteLossError, run
+from feedsr.runtime.checkpoint import is_complete, latest_checkpoint
+from feedsr.runtime.config import ConfigError, to_config
+from feedsr.runtime.distributed import distributed
+from feedsr.train.trainer import NonFiniteLossError, Trainer, run
 
 
 def train_log(run_dir: Path) -> list[dict]:
@@ -43,7 +46,7 @@ def test_smoke_train_evaluate_and_resume(synthetic_dir, tmp_path):
     assert result.valid["click"].auc > 0.6  # the trainer's own validation, on the valid split
     # a second run() of the same run id finds the complete checkpoint and continues from it
     more = run(compose(overrides[:-3] + ["trainer.max_steps=160", "trainer.checkpoint_every=50",
-                                         "optimizer.lr=0.005"]))
+                                         "optimizer.lr=0.005", "trainer.allow_config_change=true"]))
     assert more.step == 160 and len(more.losses) == 10
 
 
@@ -76,7 +79,7 @@ def test_best_checkpoint_by_validation_is_kept_and_used_for_the_test(synthetic_d
 
 def test_selection_tasks_must_exist(synthetic_dir, tmp_path):
     overrides = tiny_overrides(synthetic_dir, tmp_path, "bad") + ["trainer.select_tasks=[clik]"]
-    with pytest.raises(ConfigError, match=r"trainer.select_tasks names unknown tasks \['clik'\]"):
+    with pytest.raises(ConfigError, match=r"trainer.select_tasks must be names of tasks .*unknown: \['clik'\]"):
         run(compose(overrides))
 
 
@@ -136,6 +139,31 @@ def test_warm_start_trains_only_on_new_interactions(synthetic_dir, tmp_path):
     warm_result, cold_result = run(compose(warm)), run(compose(cold))
     assert warm_result.losses[0] < 0.9 * cold_result.losses[0]
     assert warm_result.step == 5  # a fresh schedule, not day 1's step count
+    # history impressions are fed but weigh nothing: flipping their labels leaves the loss as is
+    with distributed("cpu") as ctx:
+        trainer = Trainer(to_config(compose(warm + ["run_id=day2_check"])), ctx)
+        batch = next(trainer.batches())
+        history = ~batch.target_mask
+        assert history.sum() > 0 and batch.target_mask.sum() > 0  # history rows with new targets
+        trainer.model.eval()
+        with torch.no_grad():
+            logits = trainer.model(batch)
+            loss = trainer.loss_fn(logits, batch).loss
+            flipped = dataclasses.replace(batch, labels=torch.where(history[:, None], 1 - batch.labels,
+                                                                    batch.labels))
+            assert trainer.loss_fn(logits, flipped).loss == loss
+            targets_only = dataclasses.replace(batch, labels=torch.where(
+                batch.target_mask[:, None], 1 - batch.labels, batch.labels))
+            assert trainer.loss_fn(logits, targets_only).loss != loss  # the check can fail
+
+
+def _parameters(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, dense and embedding table (the local shards), copied."""
+    out = {}
+    for name, value in trainer.model.state_dict().items():
+        shards = value.local_shards() if hasattr(value, "local_shards") else None
+        out[name] = torch.cat([s.tensor.flatten() for s in shards]) if shards else value.flatten()
+    return {k: v.detach().clone() for k, v in out.items()}
 
 
 def test_non_finite_loss_stops_before_the_update(synthetic_dir, tmp_path):
@@ -146,6 +174,18 @@ def test_non_finite_loss_stops_before_the_update(synthetic_dir, tmp_path):
         run(compose(overrides))
     failed = int(str(err.value).split("step ")[1].split(" ")[0])
     assert latest_checkpoint(tmp_path / "nan").name == f"step-{failed - 1}"
+    # step by step: the failing step leaves every parameter, tables included, as it found it
+    with distributed("cpu") as ctx:
+        trainer = Trainer(to_config(compose(overrides[:1] + overrides[1:] + ["run_id=nan2"])), ctx)
+        batches = trainer.batches()
+        with pytest.raises(NonFiniteLossError):
+            for _ in range(50):
+                before = _parameters(trainer)
+                trainer.train_step(next(batches))
+        after = _parameters(trainer)
+    assert trainer.state.step == failed - 1 and any(".ec." in k for k in after)
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), f"{name} changed in the failed step"
 
 
 @pytest.mark.parametrize("override,message", [
@@ -180,7 +220,7 @@ def test_every_experiment_config_composes_and_validates(experiment, trainer):
 
 
 def test_prune_keeps_the_newest_and_the_protected_checkpoint(tmp_path):
-    from feedsr.train.checkpoint import COMPLETE, prune
+    from feedsr.runtime.checkpoint import COMPLETE, prune
 
     for step in (10, 20, 30, 40, 50):
         (tmp_path / f"step-{step}").mkdir()
@@ -206,3 +246,78 @@ def test_compiled_training_matches_eager(synthetic_dir, tmp_path):
     assert compiled.losses[0] == pytest.approx(eager.losses[0], rel=1e-4)
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-2)
     assert compiled.valid["click"].auc == pytest.approx(eager.valid["click"].auc, abs=1e-2)
+
+
+# ------------------------------------------------------------------ resume hygiene, logging, config
+
+
+def _steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_resume_truncates_logs_and_reuses_propensities(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "logs") + [
+        "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.val_every=2",
+        "trainer.val_max_rows=256", "trainer.keep_checkpoints=3"]
+    run(compose(overrides))
+    run_dir = tmp_path / "logs"
+    (run_dir / "checkpoints" / "step-8" / "COMPLETE").unlink()  # as if killed before the end
+    with open(run_dir / "train_log.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 0.')  # a line torn by the kill
+    # a marked file: resuming must use the run's propensities, not re-estimate them
+    props = json.loads((run_dir / "propensities.json").read_text())
+    props[3] = 0.123
+    (run_dir / "propensities.json").write_text(json.dumps(props))
+    result = run(compose(overrides))
+    assert result.step == 8 and len(result.losses) == 4
+    assert _steps(run_dir / "train_log.jsonl") == list(range(1, 9))
+    assert _steps(run_dir / "valid_metrics.jsonl") == [2, 4, 6, 8]  # no step twice
+    with distributed("cpu") as ctx:
+        trainer = Trainer(to_config(compose(overrides + ["trainer.max_steps=9",
+                                                         "trainer.allow_config_change=true"])), ctx)
+        assert trainer.loss_fn.propensities[3].item() == pytest.approx(0.123)
+
+
+def test_resume_refuses_a_config_that_changes_what_is_learned(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "cfg") + ["trainer.max_steps=3"]
+    run(compose(overrides))
+    changed = overrides + ["optimizer.lr=0.05", "data.batch_size=16", "trainer.val_every=1"]
+    with pytest.raises(ConfigError, match=r"data.batch_size: 32 -> 16; optimizer.lr: 0.002 -> 0.05\. "
+                                          r"Use another run_id, or trainer.allow_config_change=true"):
+        run(compose(changed))
+    # logging and evaluation settings may change; the explicit override accepts the rest
+    assert run(compose(overrides + ["trainer.val_every=1", "trainer.log_every=2"])).step == 3
+    assert run(compose(changed + ["trainer.max_steps=4", "trainer.allow_config_change=true"])).step == 4
+
+
+def test_log_every_sets_the_records(synthetic_dir, tmp_path):
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "every") + ["trainer.max_steps=12", "trainer.log_every=5"]
+    result = run(compose(overrides))
+    records = [json.loads(x) for x in (tmp_path / "every" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 12]
+    means = [sum(result.losses[a:b]) / (b - a) for a, b in ((0, 5), (5, 10), (10, 12))]
+    assert [r["loss"] for r in records] == pytest.approx(means, rel=1e-12)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.ipw_reference_task=9", r"loss.ipw_reference_task must be the index of a task in data.tasks"),
+    ("optimizer.div_factor=0", r"optimizer.div_factor must be >= 1 .*got 0.0"),
+    ("optimizer.betas=[0.9]", r"optimizer.betas must be two values in \[0, 1\), got \[0.9\]"),
+    ("loss.ipw_num_positions=0", r"loss.ipw_num_positions must be >= 1, got 0"),
+    ("trainer.val_max_rows=0", r"trainer.val_max_rows must be >= 1 or null"),
+    ("trainer.log_every=0", r"trainer.log_every must be >= 1, got 0"),
+    ("trainer.hdet.clean_batch_rows=0", r"trainer.hdet.clean_batch_rows must be >= 1, got 0"),
+])
+def test_config_holes_fail_at_validation(override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose([override]))
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    data = tmp_path / "never_made"
+    out = subprocess.run([sys.executable, "-m", "feedsr.train", "optimizer.div_factor=0", f"data.path={data}"],
+                         cwd=tmp_path, capture_output=True, text=True)  # any directory: conf ships in the package
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "feedsr: invalid config: optimizer.div_factor must be >= 1 (start = lr / div_factor), got 0.0"]
+    assert not data.exists()  # nothing generated before the config was found bad

@@ -17,7 +17,6 @@ def evaluate(
     batches: Iterable[Batch],
     task_names: list[str],
     device: torch.device,
-    max_batches: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, TaskMetrics]:
     """Per-task metrics over the target impressions of ``batches``, reduced over all ranks.
@@ -27,9 +26,7 @@ def evaluate(
     """
     model.eval()
     accumulator = MetricAccumulator(task_names)
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in batches:
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(batch)

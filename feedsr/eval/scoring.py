@@ -16,14 +16,17 @@ from feedsr.runtime.distributed import distributed
 from feedsr.runtime.sharding import shard_model
 
 
-def evaluate_checkpoint(config: Config, checkpoint: Path, split: str) -> dict[str, TaskMetrics]:
-    """Metrics of ``checkpoint`` on ``split`` of ``config.data.path`` (one process, any device)."""
+def evaluate_checkpoint(config: Config, checkpoint: Path, split: str,
+                        max_rows: int | None = None) -> dict[str, TaskMetrics]:
+    """Metrics of ``checkpoint`` on ``split`` of ``config.data.path`` (one process, any device),
+    over every row or the split's first ``max_rows`` rows in file order."""
     with distributed(config.trainer.device) as ctx:
         spec = batch_spec(config.data, ensure_dataset(config.data))
         model = build_model(config.model, spec, config.data.max_seq_len, device=torch.device("meta"))
         model = shard_model(model, ctx, config.optimizer.sparse, config.optimizer.sparse_lr)
         load_sharded(checkpoint, model, None)
-        loader = build_loader(config.data, spec, split, train=False)
+        loader = build_loader(config.data, spec, split, train=False, holdout_rows=max_rows or 0,
+                              holdout=max_rows is not None)
         autocast = torch.bfloat16 if config.trainer.precision == "bf16" else None
         return evaluate(model, loader, [t.name for t in tasks_of(config.data)], ctx.device,
                         autocast_dtype=autocast)

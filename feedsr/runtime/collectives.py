@@ -27,6 +27,13 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.
     return work.to(tensor.device)
 
 
+def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """``src``'s ``tensor`` on every rank (same shape and dtype everywhere), on ``tensor``'s device."""
+    work = tensor.detach().to(group_device(group), copy=True)
+    dist.broadcast(work, src=src, group=group)
+    return work.to(tensor.device)
+
+
 def all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """(W, *shape): every rank's ``tensor`` (same shape on every rank), in rank order, on
     ``tensor``'s device."""

@@ -12,8 +12,14 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from feedsr.data.config import DataConfig
+from feedsr.data.config import DataConfig, tasks_of
 from feedsr.model.config import ModelConfig
+
+
+def require(ok: bool, key: str, value, rule: str) -> None:
+    """ValueError naming the key, the rule and the value, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -38,6 +44,10 @@ class LossConfig:
             raise ValueError(f"loss.propensities must be in (0, 1], got {self.propensities}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        require(self.ipw_num_positions >= 1, "loss.ipw_num_positions", self.ipw_num_positions, ">= 1")
+        require(self.ipw_reference_task >= 0, "loss.ipw_reference_task", self.ipw_reference_task, ">= 0")
+        require(0 < self.temporal_min_weight <= 1, "loss.temporal_min_weight", self.temporal_min_weight,
+                "in (0, 1]")
 
 
 @dataclass
@@ -97,6 +107,11 @@ class HDETConfig:
                              f"{self.sigma}, {self.beta}, {self.lam}")
         if self.noise < 0:
             raise ValueError(f"trainer.hdet.noise must be >= 0, got {self.noise}")
+        require(self.warm_steps >= 0, "trainer.hdet.warm_steps", self.warm_steps, ">= 0")
+        require(self.lr_max_factor >= 1, "trainer.hdet.lr_max_factor", self.lr_max_factor, ">= 1")
+        require(self.clean_batch_rows >= 1, "trainer.hdet.clean_batch_rows", self.clean_batch_rows, ">= 1")
+        names = [sc.name for sc in self.scalars]
+        require(len(set(names)) == len(names), "trainer.hdet.scalars", names, "distinct names")
 
 
 @dataclass
@@ -126,14 +141,26 @@ class OptimizerConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, sparse_lr={self.sparse_lr}")
         if not 0 <= self.warmup_pct < 1:
             raise ValueError(f"optimizer.warmup_pct must be in [0, 1), got {self.warmup_pct}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
+                list(self.betas), "two values in [0, 1)")
+        require(self.div_factor >= 1, "optimizer.div_factor", self.div_factor, ">= 1 (start = lr / div_factor)")
+        require(self.final_div_factor >= 1, "optimizer.final_div_factor", self.final_div_factor, ">= 1")
+        require(self.eps > 0, "optimizer.eps", self.eps, "> 0")
+        require(self.sparse_eps > 0, "optimizer.sparse_eps", self.sparse_eps, "> 0")
+        require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        require(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, ">= 0 (0 = off)")
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    # Every log_every steps (and at the last): a train_log.jsonl line, TensorBoard scalars and,
+    # without the progress bar, a printed line; loss and throughput are means over those steps.
     log_every: int = 50
     val_every: int = 0  # 0: validate only at the end
-    val_max_batches: int | None = None  # cap on validation batches (None: the whole split)
+    # Validation reads the split's first val_max_rows rows in file order (None: all of them): the
+    # same rows whatever the world size, so the checkpoint chosen does not depend on it.
+    val_max_rows: int | None = None
     checkpoint_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 2
     init_from: str | None = None  # warm start: weights from this checkpoint, fresh optimizers
@@ -148,6 +175,9 @@ class TrainerConfig:
     # AUC over these tasks; every task when empty) is recorded in best.json and its checkpoint is
     # never pruned; the test split is evaluated with the best weights.
     select_tasks: list[str] = field(default_factory=list)
+    # Resuming refuses a config that differs from the run's saved one in a key that changes the
+    # model, the data or the optimization (see RESUMABLE_CHANGES); true accepts it.
+    allow_config_change: bool = False
     hdet: HDETConfig = field(default_factory=HDETConfig)
 
     def __post_init__(self):
@@ -159,9 +189,14 @@ class TrainerConfig:
             raise ValueError(f"trainer.device must be auto, cpu or cuda, got '{self.device}'")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"trainer.precision must be fp32 or bf16, got '{self.precision}'")
-        for name in ("log_every", "val_every", "checkpoint_every"):
+        require(self.log_every >= 1, "trainer.log_every", self.log_every, ">= 1")
+        for name in ("val_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.val_max_rows is None or self.val_max_rows >= 1, "trainer.val_max_rows",
+                self.val_max_rows, ">= 1 or null (the whole split)")
+        require(self.num_threads is None or self.num_threads >= 1, "trainer.num_threads", self.num_threads,
+                ">= 1 or null")
 
 
 @dataclass
@@ -174,6 +209,43 @@ class Config:
     run_id: str = "default"  # the run directory is <output_root>/<run_id>, the same on every rank
     output_root: str = "runs"
     seed: int = 0
+
+    def __post_init__(self):
+        """Constraints across groups, checked before any data is generated or read."""
+        tasks = [t.name for t in tasks_of(self.data)]
+        require(self.loss.ipw_reference_task < len(tasks), "loss.ipw_reference_task",
+                self.loss.ipw_reference_task, f"the index of a task in data.tasks {tasks}")
+        unknown = [t for t in self.trainer.select_tasks if t not in tasks]
+        require(not unknown, "trainer.select_tasks", list(self.trainer.select_tasks),
+                f"names of tasks in data.tasks {tasks} (unknown: {unknown})")
+
+
+# Keys a resumed run may change freely: how it logs, validates, saves and runs, not what it learns.
+RESUMABLE_CHANGES = (
+    "trainer.log_every", "trainer.val_every", "trainer.val_max_rows", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.device", "trainer.num_threads", "trainer.compile",
+    "trainer.progress", "trainer.tensorboard", "trainer.evaluate_test", "trainer.select_tasks",
+    "trainer.allow_config_change", "data.num_workers", "data.eval_batch_size", "output_root", "run_id",
+)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def config_changes(saved_yaml: str, config: Config) -> list[str]:
+    """Keys (with old and new values) where ``config`` differs from a run's saved config.yaml in
+    something other than RESUMABLE_CHANGES."""
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
+    keys = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
 SCHEMA_NAME = "feedsr_schema"

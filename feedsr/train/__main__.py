@@ -7,6 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from feedsr.data.schema import DataError
 from feedsr.quiet import quiet_libraries
 from feedsr.runtime.config import CONFIG_DIR, ConfigError
 
@@ -19,7 +20,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # a user's mistake: one line naming the key or file
         sys.exit(f"feedsr: {e}")
 
 

@@ -27,7 +27,7 @@ from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_f
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
-from feedsr.runtime.collectives import all_reduce, barrier
+from feedsr.runtime.collectives import all_reduce, barrier, broadcast
 from feedsr.runtime.checkpoint import (
     checkpoint_path,
     is_complete,
@@ -37,14 +37,34 @@ from feedsr.runtime.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from feedsr.runtime.config import Config, ConfigError, compose_config, to_config
+from feedsr.runtime.config import Config, ConfigError, compose_config, config_changes, to_config
 from feedsr.runtime.distributed import DistContext, distributed
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
 from feedsr.train.hdet import HDET, add_noise, scale_dropout, set_attention_temperature
 from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
+from feedsr.train import runlog
 from feedsr.train.plots import plot_learning_rates
+from feedsr.train.runlog import truncate_run_logs
 from feedsr.runtime.sharding import compile_dense, shard_model
 from feedsr.data.tasks import task_bitmasks
+
+
+class LogWindow:
+    """What the steps since the last log record add up to."""
+
+    def __init__(self):
+        self.steps, self.loss_sum, self.task_loss_sum, self.impressions = 0, 0.0, 0.0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, per_task: torch.Tensor, impressions: int) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.task_loss_sum = self.task_loss_sum + per_task
+        self.impressions += impressions
+
+    def rate(self) -> float:
+        """Impressions per second over the window (all ranks)."""
+        return self.impressions / max(time.perf_counter() - self.start, 1e-9)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,12 +117,14 @@ class Trainer:
         self.config, self.ctx = config, ctx
         cfg = config
         self.run_dir = Path(cfg.output_root) / cfg.run_id
+        self.resume_from = latest_checkpoint(self.run_dir)
+        self._check_resumed_config()
         if ctx.device.type == "cpu":
             torch.set_num_threads(cfg.trainer.num_threads or default_threads(ctx))
         self.meta = self._dataset_meta()
         self.spec = batch_spec(cfg.data, self.meta)
         self.tasks = tasks_of(cfg.data)
-        self.select_tasks = self._select_tasks()
+        self.select_tasks = list(cfg.trainer.select_tasks) or [t.name for t in self.tasks]
         self.best: dict | None = None
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
@@ -119,6 +141,9 @@ class Trainer:
         self.hdet = self._hdet() if hdet.enabled else None
         self.loss_fn = MultiTaskLoss(cfg.loss, [t.weight for t in self.tasks], self._propensities())
         self.loss_fn.to(ctx.device)
+        # HDET's clean loss scores a slice of the training split held out from training: the
+        # validation split picks and reports checkpoints, so it must not steer training too.
+        self.holdout_rows = hdet.clean_batch_rows if hdet.enabled and hdet.scalars else 0
         self.train_loader = self._loader(cfg.data.train_split, train=True)
         self.state = TrainState()
         self.autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
@@ -139,34 +164,56 @@ class Trainer:
             meta = ensure_dataset(self.config.data)
         return meta
 
-    def _select_tasks(self) -> list[str]:
-        names = [t.name for t in self.tasks]
-        unknown = [t for t in self.config.trainer.select_tasks if t not in names]
-        if unknown:
-            raise ConfigError(f"invalid config: trainer.select_tasks names unknown tasks {unknown}; "
-                              f"data.tasks has {names}")
-        return list(self.config.trainer.select_tasks) or names
-
-    def _loader(self, split: str, train: bool):
-        return build_loader(self.config.data, self.spec, split, train=train, seed=self.config.seed,
-                            rank=self.ctx.rank, world_size=self.ctx.world_size)
+    def _loader(self, split: str, train: bool, head_rows: int | None = None):
+        """Training: the split less the holdout. Evaluation: every row, or the split's first
+        ``head_rows`` rows in file order (the same rows for any world size)."""
+        if train:
+            return build_loader(self.config.data, self.spec, split, train=True, seed=self.config.seed,
+                                rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                holdout_rows=self.holdout_rows)
+        return build_loader(self.config.data, self.spec, split, train=False, rank=self.ctx.rank,
+                            world_size=self.ctx.world_size, holdout_rows=head_rows or 0,
+                            holdout=head_rows is not None)
 
     def _propensities(self) -> list[float] | None:
+        """Given, or the run's saved ones when resuming, or estimated by rank 0 from the training
+        split and broadcast (one read of the split per run, not one per rank and start)."""
         loss = self.config.loss
         if not loss.ipw:
             return None
         if loss.propensities is not None:
             return list(loss.propensities)
-        data = self.config.data
+        saved = self.run_dir / "propensities.json"
+        if self.resume_from is not None and saved.exists():
+            return json.loads(saved.read_text())
+        props = torch.zeros(loss.ipw_num_positions, dtype=torch.float64)
+        if self.ctx.is_main:
+            props = torch.tensor(self._estimate_propensities(), dtype=torch.float64)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(props.tolist()) + "\n")
+        return broadcast(props).tolist()
+
+    def _estimate_propensities(self) -> list[float]:
+        data, loss = self.config.data, self.config.loss
         files = open_files(split_files(data.path, data.train_split), self.spec.read)
         reader = SequenceReader(files, self.spec.read,
                                 ReaderConfig(batch_size=4096, max_seq_len=data.max_seq_len))
         mask = task_bitmasks(self.tasks, list(data.action_names))[loss.ipw_reference_task]
-        props = estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "propensities.json").write_text(json.dumps(props) + "\n")
-        return props
+        self._log("estimating feed-position propensities from the training split")
+        return estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
+
+    def _check_resumed_config(self) -> None:
+        """Resuming with a config that changes what is learned would silently mix two runs."""
+        saved = self.run_dir / "config.yaml"
+        if self.resume_from is None or not saved.exists():
+            return
+        changes = config_changes(saved.read_text(), self.config)
+        if changes and not self.config.trainer.allow_config_change:
+            raise ConfigError(
+                f"{self.run_dir} holds a run with another config; resuming it with this one would "
+                f"change: {'; '.join(changes)}. Use another run_id, or trainer.allow_config_change=true")
+        if changes:
+            self._log(f"resuming with a changed config (trainer.allow_config_change): {'; '.join(changes)}")
 
     def _start(self) -> None:
         """Resume from the run's newest complete checkpoint, or warm-start, or start fresh."""
@@ -175,7 +222,7 @@ class Trainer:
             resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
             (self.run_dir / "config.yaml").write_text(resolved)
         barrier()
-        resume = latest_checkpoint(self.run_dir)
+        resume = self.resume_from
         if resume is not None:
             load_sharded(resume, self.model, self.sparse_optimizer)
             rank_state = load_rank_state(resume, self.ctx)
@@ -187,7 +234,7 @@ class Trainer:
             best = self.run_dir / "best.json"
             self.best = json.loads(best.read_text()) if best.exists() else None
             self._log(f"resumed from {resume} at step {self.state.step}")
-            self._truncate_train_log()
+            self._truncate_logs()
             return
         if self.config.trainer.init_from:
             load_sharded(Path(self.config.trainer.init_from), self.model, None)
@@ -196,7 +243,7 @@ class Trainer:
             # after DMP/DDP wrapped the model (DDP broadcasts rank 0's weights when it wraps)
             generator = torch.Generator().manual_seed(self.config.seed * 7919 + self.ctx.rank + 1)
             add_noise(self.dense_params(), self.config.trainer.hdet.noise, generator)
-        self._truncate_train_log()  # a fresh run in an old directory: drop its stale log
+        self._truncate_logs()  # a fresh run in an old directory: drop its stale logs
 
     def _hdet(self) -> HDET:
         cfg = self.config
@@ -210,14 +257,14 @@ class Trainer:
         return [p for g in self.dense_optimizer.param_groups for p in g["params"]]
 
     def _clean_batch(self):
-        """HDET's held-out batch for scoring scalars: the first rows of the valid split, dropout off."""
-        if self.hdet is None or not self.hdet.scalars:
+        """HDET's batch for scoring scalars: the training split's held-out rows (never trained on)."""
+        if not self.holdout_rows:
             return None
         data = self.config.data
-        files = open_files(split_files(data.path, data.valid_split), self.spec.read)
+        files = open_files(split_files(data.path, data.train_split), self.spec.read)
         reader = SequenceReader(files, self.spec.read, ReaderConfig(
-            batch_size=self.config.trainer.hdet.clean_batch_rows, max_seq_len=data.max_seq_len),
-            collate=Collator(self.spec))
+            batch_size=self.holdout_rows, max_seq_len=data.max_seq_len, holdout_rows=self.holdout_rows,
+            holdout=True), collate=Collator(self.spec))
         return next(iter(reader)).to(self.ctx.device)
 
     def _apply_scalars(self) -> None:
@@ -293,23 +340,22 @@ class Trainer:
         result = RunResult(self.run_dir, self.state.step)
         progress = tqdm(total=cfg.max_steps, initial=self.state.step, desc="train", unit="step",
                         disable=not (self.ctx.is_main and cfg.progress), dynamic_ncols=True)
-        window_imps, window_start = 0, time.perf_counter()
+        window = LogWindow()
         batches = self.batches()
         while self.state.step < cfg.max_steps:
             loss, local_loss, per_task, imps = self.train_step(next(batches))
             result.losses.append(loss)
-            window_imps += imps
-            rate = window_imps / max(time.perf_counter() - window_start, 1e-9)
+            window.add(loss, per_task, imps)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.schedule(self.state.step - 1):.2e}",
-                                 imps=f"{rate:,.0f}/s", refresh=False)
-            self._record(loss, per_task, rate)  # before a converge re-draws HDET's permutations
+                                 imps=f"{window.rate():,.0f}/s", refresh=False)
+            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                self._record(window)  # before a converge re-draws HDET's permutations
+                window = LogWindow()
             if self.hdet is not None:
                 self.hdet.record_loss(local_loss)
                 if self.hdet.is_converge_step(self.state.step):
                     self.converge()
-            if cfg.log_every and self.state.step % cfg.log_every == 0:
-                window_imps, window_start = 0, time.perf_counter()
             if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
             if cfg.val_every and self.state.step % cfg.val_every == 0 and self.state.step < cfg.max_steps:
@@ -339,10 +385,10 @@ class Trainer:
         self._apply_scalars()
         seconds = time.perf_counter() - start
         if self.ctx.is_main:
-            with open(self.run_dir / "hdet_converges.jsonl", "a") as f:
-                f.write(json.dumps(report | {"seconds": seconds, "clean_loss": clean,
-                                             "base_lrs": self.hdet.base_learning_rates(self.state.step),
-                                             "scalars": self.hdet.scalar_values()}) + "\n")
+            runlog.append(self.run_dir / "hdet_converges.jsonl",
+                          report | {"seconds": seconds, "clean_loss": clean,
+                                    "base_lrs": self.hdet.base_learning_rates(self.state.step),
+                                    "scalars": self.hdet.scalar_values()})
 
     @torch.no_grad()
     def _clean_loss(self) -> float:
@@ -355,22 +401,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, logging, saving
 
-    def evaluate_split(self, split: str, label: str, max_batches: int | None = None) -> dict[str, TaskMetrics]:
-        metrics = evaluate(self.model, self._loader(split, train=False), [t.name for t in self.tasks],
-                           self.ctx.device, max_batches, self.autocast)
+    def evaluate_split(self, split: str, label: str, max_rows: int | None = None) -> dict[str, TaskMetrics]:
+        metrics = evaluate(self.model, self._loader(split, train=False, head_rows=max_rows),
+                           [t.name for t in self.tasks], self.ctx.device, autocast_dtype=self.autocast)
         self._log(f"{label} metrics at step {self.state.step} ({split} split):\n{format_table(metrics)}")
         if self.writer:
             for name, m in metrics.items():
                 for key in ("auc", "ne", "calibration"):
                     self.writer.add_scalar(f"{label}/{name}/{key}", getattr(m, key), self.state.step)
         if self.ctx.is_main:
-            with open(self.run_dir / f"{label}_metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.state.step,
-                                    "metrics": {k: m.to_dict() for k, m in metrics.items()}}) + "\n")
+            runlog.append(self.run_dir / f"{label}_metrics.jsonl",
+                          {"step": self.state.step, "metrics": {k: m.to_dict() for k, m in metrics.items()}})
         return metrics
 
     def validate(self) -> dict[str, TaskMetrics]:
-        metrics = self.evaluate_split(self.config.data.valid_split, "valid", self.config.trainer.val_max_batches)
+        metrics = self.evaluate_split(self.config.data.valid_split, "valid", self.config.trainer.val_max_rows)
         self._select(metrics)
         return metrics
 
@@ -401,11 +446,13 @@ class Trainer:
                                protect=self.best["step"] if self.best is not None else None)
         self._log(f"saved {path}")
 
-    def _record(self, loss: float, per_task: torch.Tensor, rate: float) -> None:
+    def _record(self, window: LogWindow) -> None:
+        """The log_every record: means over the window's steps, this step's learning rates."""
         if not self.ctx.is_main:
             return
         step, lr = self.state.step, self.schedule(self.state.step - 1)
-        tasks = {t.name: float(v) for t, v in zip(self.tasks, per_task)}
+        loss, rate = window.loss_sum / window.steps, window.rate()
+        tasks = {t.name: float(v) / window.steps for t, v in zip(self.tasks, window.task_loss_sum)}
         record = {"step": step, "loss": loss, "lr": lr, "task_loss": tasks, "impressions_per_s": rate}
         if self.hdet is not None:  # rank 0 knows every rank's rates: shared bases and permutations
             record["base_lrs"] = self.hdet.base_learning_rates(step - 1)
@@ -417,25 +464,21 @@ class Trainer:
                         self.writer.add_scalar(f"hdet/lr_{g}/rank{r}", value, step)
                 if self.writer:
                     self.writer.add_scalar(f"hdet/base_lr_{g}", record["base_lrs"][g], step)
-        with open(self.run_dir / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        runlog.append(self.run_dir / "train_log.jsonl", record)
         if self.writer:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/impressions_per_s", rate, step)
             for name, value in tasks.items():
                 self.writer.add_scalar(f"train/loss_{name}", value, step)
-        every = self.config.trainer.log_every
-        if every and step % every == 0 and not self.config.trainer.progress:
+        if not self.config.trainer.progress:
             self._log(f"step {step}: loss {loss:.4f} lr {lr:.2e} {rate:,.0f} impressions/s")
 
-    def _truncate_train_log(self) -> None:
-        """After a resume, drop log lines of steps that will be redone."""
-        path = self.run_dir / "train_log.jsonl"
-        if not (self.ctx.is_main and path.exists()):
-            return
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.state.step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    def _truncate_logs(self) -> None:
+        """Drop log lines of steps that will be redone (all of them on a fresh start)."""
+        if self.ctx.is_main:
+            for message in truncate_run_logs(self.run_dir, self.state.step):
+                self._log(message)
 
     def _log(self, message: str) -> None:
         if self.ctx.is_main:
