@@ -12,27 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from feedsr.data.schema import TRUE_PROB_PREFIX
 from feedsr.data.synthetic import ACTION_NAMES, generate, load_targets
-
-
-def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC from ranks (Mann-Whitney U), ties given their average rank; NaN for one class."""
-    labels = labels.astype(bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score
-    rank_sum = average_rank[inverse][labels].sum()
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def _labels(action_bits: np.ndarray) -> np.ndarray:
-    """(n, actions) bool from the action bitmask."""
-    return ((action_bits[:, None] >> np.arange(len(ACTION_NAMES))) & 1).astype(bool)
+from feedsr.data.tasks import decode_actions
+from feedsr.data.vocab import VOCAB_SIZES
+from feedsr.eval.metrics import roc_auc
 
 
 def summarize(out_dir: str, meta: dict) -> None:
@@ -41,7 +25,8 @@ def summarize(out_dir: str, meta: dict) -> None:
     for name, counts in meta["splits"].items():
         rates = ""
         if counts["rows"]:  # a split can be empty with very few members, and then has no file
-            labels = _labels(load_targets(out_dir, name, ["action_bits"])["action_bits"])
+            bits = load_targets(out_dir, name, ["action_bits"])["action_bits"]
+            labels = decode_actions(bits, len(ACTION_NAMES))
             rates = "".join(f"{r:>11.4f}" for r in labels.mean(axis=0))
         print(
             f"{name:<6}{counts['rows']:>8}{counts['members']:>9}{counts['targets']:>10}"
@@ -51,9 +36,9 @@ def summarize(out_dir: str, meta: dict) -> None:
         return
     columns = ["action_bits"] + [TRUE_PROB_PREFIX + a for a in ACTION_NAMES]
     test = load_targets(out_dir, "test", columns)
-    labels = _labels(test["action_bits"])
+    labels = decode_actions(test["action_bits"], len(ACTION_NAMES))
     print(f"{'test: oracle AUC':<46}" + "".join(
-        f"{rank_auc(test[TRUE_PROB_PREFIX + a], labels[:, i]):>11.4f}"
+        f"{roc_auc(test[TRUE_PROB_PREFIX + a], labels[:, i]):>11.4f}"
         for i, a in enumerate(ACTION_NAMES)
     ))
     print(f"{'test: mean true prob':<46}" + "".join(
@@ -74,9 +59,10 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     elapsed = time.perf_counter() - start
+    sizes = meta[VOCAB_SIZES]
     print(
-        f"wrote {args.out}: {meta['num_members']} members, {meta['num_items']} posts, "
-        f"{meta['num_authors']} authors in {elapsed:.1f}s"
+        f"wrote {args.out}: {meta['num_members']} members, {sizes['item_ids']} posts, "
+        f"{sizes['author_ids']} authors in {elapsed:.1f}s"
     )
     summarize(args.out, meta)
 

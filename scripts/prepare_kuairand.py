@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from feedsr.data.kuairand import convert
+from feedsr.data.vocab import VOCAB_SIZES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,8 @@ def print_summary(meta: dict, out: Path, seconds: float) -> None:
               f"{c['impressions']:>12,} {mb:>8.2f}")
     print(f"duplicates dropped: {meta['duplicates_dropped']:,}")
     print(f"pre-window history impressions prepended: {meta['pre_history_impressions']:,}")
+    sizes = ", ".join(f"{name} {size:,}" for name, size in sorted(meta[VOCAB_SIZES].items()))
+    print(f"vocabulary sizes (table rows, unknown row included): {sizes}")
     print(f"on disk: {folder_bytes(out) / 1e6:.2f} MB in {out}")
     print(f"wall time: {seconds:.1f} s")
 

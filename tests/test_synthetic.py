@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -16,6 +20,10 @@ from feedsr.data.synthetic import (
     generate,
     load_targets,
 )
+from feedsr.data.tasks import decode_actions
+from feedsr.eval.metrics import roc_auc
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NUM_MEMBERS = 2000
 MAX_SEQ_LEN = 64  # below the longest histories, so members get several windows
@@ -47,7 +55,7 @@ def full_log(data_dir) -> dict[str, np.ndarray]:
 
 
 def action(log, name: str) -> np.ndarray:
-    return ((log["action_bits"] >> ACTION_NAMES.index(name)) & 1).astype(bool)
+    return decode_actions(log["action_bits"], len(ACTION_NAMES))[:, ACTION_NAMES.index(name)]
 
 
 def split_tables(data_dir, split: str):
@@ -79,13 +87,18 @@ def test_metadata(dataset):
     assert read_dataset_meta(out) == meta
     assert meta["source"] == "synthetic"
     assert meta["action_names"] == list(ACTION_NAMES)
-    assert meta["categorical"] == {"post_type": 8, "surface": 3}
+    assert meta["categorical"] == ["post_type", "surface"]
     assert meta["true_probs"] == list(ACTION_NAMES)
     assert meta["num_members"] == NUM_MEMBERS and meta["max_seq_len"] == MAX_SEQ_LEN
     assert SyntheticConfig(**meta["config"]) == SyntheticConfig()  # the config round-trips
     assert set(meta["splits"]) == set(SPLITS)
     latents = np.load(out / LATENTS_FILE)
-    assert latents["post_vec"].shape == (meta["num_items"], SyntheticConfig().dim)
+    # Ids are dense and all known: a table of one row per post / author / category holds them.
+    assert meta["vocab_sizes"] == {
+        "item_ids": len(latents["post_vec"]), "author_ids": len(latents["author_vec"]),
+        "cat_post_type": 8, "cat_surface": 3,
+    }
+    assert latents["post_vec"].shape[1] == SyntheticConfig().dim
     assert latents["member_vec"].shape[0] == NUM_MEMBERS
 
 
@@ -111,6 +124,9 @@ def test_files_match_the_schema(dataset):
             assert lengths.max() <= MAX_SEQ_LEN
             for name in expected - {"member_id", "num_targets"}:
                 assert np.array_equal(pc.list_value_length(table[name]).to_numpy(), lengths)
+            for name, size in meta["vocab_sizes"].items():
+                ids = pc.list_flatten(table[name]).to_numpy()
+                assert ids.min() >= 0 and ids.max() < size, (path, name)
             rows, targets = rows + len(table), targets + int(num_targets.sum())
         assert (rows, targets) == (meta["splits"][split]["rows"], meta["splits"][split]["targets"])
 
@@ -218,3 +234,22 @@ def test_rare_actions_are_rare_but_present(log):
         assert 0 < rates[rare] < 0.02
         assert action(log, rare).sum() >= 100
     assert rates["click"] > rates["like"] > rates["comment"]
+
+
+# --- the script -----------------------------------------------------------------------------
+
+
+def test_make_synthetic_prints_the_oracle_auc_of_the_test_split(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, str(ROOT / "scripts/make_synthetic.py"), "--out", str(out),
+           "--num-members", "400", "--seed", "1", "--max-seq-len", "32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    meta = read_dataset_meta(out)
+    assert f"{meta['vocab_sizes']['item_ids']} posts" in done.stdout
+    test = load_targets(out, "test", ["action_bits"] + [f"true_{a}" for a in ACTION_NAMES])
+    labels = decode_actions(test["action_bits"], len(ACTION_NAMES))
+    oracle = [roc_auc(test[f"true_{a}"], labels[:, i]) for i, a in enumerate(ACTION_NAMES)]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("test: oracle AUC"))
+    np.testing.assert_allclose([float(v) for v in line.split()[3:]], oracle, atol=5e-5)
+    assert 0.6 < oracle[0] < 1.0  # the click oracle ranks well: the AUC is not a constant

@@ -16,11 +16,16 @@ Choices, with the reason for each:
   starts at local midnight of the first impression's day (141 rows fall at 23:xx on 2022-04-24,
   all of them hour-off rows labelled 20220425).
 - Duplicates: exact duplicate rows (equal in every log column) are dropped, keeping the first.
-- Ids: ``member_id`` = user_id, ``item_ids`` = video_id. ``author_ids`` = author_id + 1 from
-  video_features_basic; 0 means the video is not in that table.
-- Categoricals (``cat_<name>``): each value's rank in the sorted vocabulary of its source table
-  (the log for ``tab``, video_features_basic for video fields, user_features for user fields),
-  plus one; 0 means null or unknown. ``tag`` is the first of a video's comma-separated tags.
+- Ids: ``member_id`` = user_id. ``item_ids`` (video_id), ``author_ids`` (author_id from
+  video_features_basic) and every categorical are dense ids (``feedsr.data.vocab``): 1..V in
+  ascending order of the raw value, over the values seen in the training window (train
+  impressions, plus the pre-window history when it is prepended), of the whole log even when
+  ``members`` keeps a slice. 0 means null, not in the side table, or first seen after training:
+  such a value would otherwise get an embedding row that never trained. Raw author ids reach
+  8.7 million, so taken modulo a table they collided; dense, a table of V + 1 rows holds them
+  all. dataset.json records each ``vocab_sizes``; vocab.json the raw values in id order.
+- Categoricals (``cat_<name>``): from the log for ``tab``, video_features_basic for video
+  fields, user_features for user fields. ``tag`` is the first of a video's comma-separated tags.
 - Context (``ctx_<name>``): point-in-time, from the deduplicated log itself, counting only events
   with a strictly smaller ``time_ms`` (events sharing a millisecond do not see each other). They are
   computed on the whole log before ``members`` narrows it, so a slice's features equal the full
@@ -57,8 +62,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from feedsr.data.pit import counts_before
 from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION
 from feedsr.data.sequences import DATASET_META, Split, check_log, write_dataset_meta, write_split
+from feedsr.data.tasks import encode_actions
+from feedsr.data.vocab import VOCAB_SIZES, apply_vocab, build_vocab, vocab_size, write_vocabs
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +103,7 @@ UTC_OFFSET_S = 8 * 3600
 TZ = timezone(timedelta(seconds=UTC_OFFSET_S))
 TIMEZONE_NAME = "UTC+08:00 (China Standard Time, Asia/Shanghai)"
 DAY_S = 86_400
-UNKNOWN = 0  # categorical code / author id for null or unknown
+MISSING = -1  # a raw id or categorical code that is null or absent; no vocabulary holds it
 PRIOR_WEIGHT = 20.0  # pseudo-impressions of the global rate in every smoothed rate
 AGE_FILL = -1.0  # post_age_days when upload_dt is unknown; real ages are >= 0
 LICENSE = "CC BY-SA 4.0, KuaiRand (Gao et al., CIKM 2022)"
@@ -199,12 +207,14 @@ def make_splits(
 # ---------------------------------------------------------------- categoricals and side tables
 
 
-def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
-    """Codes (rank in the sorted vocabulary + 1; ``UNKNOWN`` for null) and the cardinality."""
-    vocab = pc.unique(values).drop_null()
-    vocab = vocab.take(pc.sort_indices(vocab))
-    codes = pc.fill_null(pc.add(pc.index_in(values, value_set=vocab), 1), UNKNOWN)
-    return codes.to_numpy().astype(np.int64), len(vocab) + 1
+def side_codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Integer codes of a side table's values (index in their sorted distinct values, ``MISSING``
+    for null) and those distinct values: ints keep the raw order, so vocabularies can be built
+    on them in numpy and turned back into raw values for vocab.json."""
+    distinct = pc.unique(values).drop_null()
+    distinct = distinct.take(pc.sort_indices(distinct))
+    codes = pc.fill_null(pc.index_in(values, value_set=distinct), MISSING)
+    return codes.to_numpy().astype(np.int64), distinct
 
 
 def _lookup(ids: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
@@ -230,32 +240,33 @@ def _read_side_table(path: Path, columns: tuple[str, ...]) -> pa.Table:
 
 
 def _categoricals(columns: dict[str, pa.ChunkedArray], rows: np.ndarray) -> tuple[dict, dict]:
-    """Encode each column over its whole table, then gather per log row: (cat_ columns, cards)."""
-    per_row, cards = {}, {}
+    """Code each column over its whole table, then gather per log row: (cat_ columns, their
+    distinct values by column)."""
+    per_row, distinct = {}, {}
     for name, values in columns.items():
-        codes, cards[name] = encode(values)
-        per_row[CATEGORICAL_PREFIX + name] = _take(codes, rows, UNKNOWN)
-    return per_row, cards
+        codes, distinct[CATEGORICAL_PREFIX + name] = side_codes(values)
+        per_row[CATEGORICAL_PREFIX + name] = _take(codes, rows, MISSING)
+    return per_row, distinct
 
 
 def video_features(path: Path, video_ids: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-    """Per log row from video_features_basic: ``author_ids`` (author_id + 1, 0 unknown),
-    ``upload_s`` (local midnight of upload_dt in epoch seconds, NaN unknown) and the video
-    ``cat_`` columns; plus their cardinalities."""
+    """Per log row from video_features_basic: ``author_ids`` (raw author_id, ``MISSING`` when the
+    video is not in the table), ``upload_s`` (local midnight of upload_dt in epoch seconds, NaN
+    unknown) and the video ``cat_`` codes; plus the codes' distinct values."""
     table = _read_side_table(path, ("video_id", "author_id", "upload_dt") + VIDEO_CATEGORICALS)
     rows = _lookup(video_ids, table["video_id"].to_numpy())
     sources = {name: table[name] for name in VIDEO_CATEGORICALS}
     sources["tag"] = pc.list_element(pc.split_pattern(table["tag"], ","), 0)  # first tag only
-    per_row, cards = _categoricals(sources, rows)
-    per_row["author_ids"] = _take(table["author_id"].to_numpy() + 1, rows, UNKNOWN)
+    per_row, distinct = _categoricals(sources, rows)
+    per_row["author_ids"] = _take(table["author_id"].to_numpy(), rows, MISSING)
     upload = pc.strptime(table["upload_dt"], format="%Y-%m-%d", unit="s", error_is_null=True)
     upload_s = pc.cast(upload, pa.int64()).to_numpy(zero_copy_only=False) - UTC_OFFSET_S
     per_row["upload_s"] = _take(upload_s.astype(np.float64), rows, np.nan)
-    return per_row, cards
+    return per_row, distinct
 
 
 def user_features(path: Path, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-    """Per log row: the user ``cat_`` columns from user_features; plus their cardinalities."""
+    """Per log row: the user ``cat_`` codes from user_features; plus their distinct values."""
     table = _read_side_table(path, ("user_id",) + USER_CATEGORICALS)
     rows = _lookup(user_ids, table["user_id"].to_numpy())
     return _categoricals({name: table[name] for name in USER_CATEGORICALS}, rows)
@@ -263,41 +274,10 @@ def user_features(path: Path, user_ids: np.ndarray) -> tuple[dict[str, np.ndarra
 
 def action_bits(cols: dict[str, np.ndarray]) -> np.ndarray:
     """int64 bitmask per impression: bit i = ``ACTION_NAMES[i]`` happened."""
-    bits = np.zeros(len(cols["user_id"]), dtype=np.int64)
-    for i, column in enumerate(ACTION_COLUMNS.values()):
-        bits |= (cols[column] != 0).astype(np.int64) << i
-    return bits
+    return encode_actions(np.stack([cols[column] for column in ACTION_COLUMNS.values()], axis=1))
 
 
 # ---------------------------------------------------------------- point-in-time context
-
-
-def counts_before(keys: list[np.ndarray], time_ms: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """(n, k): per row, the sum of ``values`` (n, k) over the rows with the same ``keys`` and a
-    strictly smaller ``time_ms``. No keys means one group (global counts).
-
-    Sorted by (keys, time), an exclusive running sum read at the first row of a row's
-    (keys, time) run counts everything earlier but none of its same-millisecond ties; subtracting
-    the running sum at the group's first row leaves the group's own earlier events.
-    """
-    n = len(time_ms)
-    order = np.lexsort((time_ms, *reversed(keys)))
-    new_group = np.zeros(n, dtype=bool)
-    new_group[:1] = True
-    for key in keys:
-        k = key[order]
-        new_group[1:] |= k[1:] != k[:-1]
-    t = time_ms[order]
-    new_run = new_group.copy()
-    new_run[1:] |= t[1:] != t[:-1]
-    index = np.arange(n)
-    group_first = np.maximum.accumulate(np.where(new_group, index, 0))
-    run_first = np.maximum.accumulate(np.where(new_run, index, 0))
-    v = values[order]
-    exclusive = np.cumsum(v, axis=0) - v
-    out = np.empty_like(v)
-    out[order] = exclusive[run_first] - exclusive[group_first]
-    return out
 
 
 def smoothed_rate(pos, imps, global_pos, global_imps) -> np.ndarray:
@@ -316,8 +296,8 @@ def context_features(
     ).astype(np.int64)
     glob = counts_before([], t, events)
     video = counts_before([cols["video_id"]], t, events)
-    # Author 0 lumps all videos missing from video_features_basic: not a real author, so no counts.
-    known = (author_ids != UNKNOWN)[:, None]
+    # MISSING lumps all videos absent from video_features_basic: not a real author, so no counts.
+    known = (author_ids != MISSING)[:, None]
     author = counts_before([author_ids], t, events[:, :2]) * known
     pair = counts_before([cols["user_id"], author_ids], t, events[:, :2]) * known
     age = (t // 1000 - upload_s) / DAY_S
@@ -341,24 +321,24 @@ def context_features(
 
 
 def build_log(cols: dict[str, np.ndarray], src: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The flat feedsr log (see ``feedsr.data.sequences``) and the categorical cardinalities."""
-    video, video_cards = video_features(src / VIDEO_FILE, cols["video_id"])
-    user, user_cards = user_features(src / USER_FILE, cols["user_id"])
-    tab, tab_cardinality = encode(pa.array(cols["tab"]))
+    """The flat feedsr log (see ``feedsr.data.sequences``) with raw ids and categorical codes
+    (``MISSING`` for unknown), and the distinct values behind each side-table code."""
+    video, video_distinct = video_features(src / VIDEO_FILE, cols["video_id"])
+    user, user_distinct = user_features(src / USER_FILE, cols["user_id"])
     log = {
         "member_id": cols["user_id"],
         "item_ids": cols["video_id"],
         "author_ids": video.pop("author_ids"),
         "timestamps": cols["time_ms"] // 1000,
-        "positions": np.full(len(tab), UNKNOWN_POSITION, dtype=np.int64),  # no feed position
+        "positions": np.full(len(cols["tab"]), UNKNOWN_POSITION, dtype=np.int64),  # no feed position
         "action_bits": action_bits(cols),
-        CATEGORICAL_PREFIX + "tab": tab,
+        CATEGORICAL_PREFIX + "tab": cols["tab"],
     }
     context = context_features(cols, log["author_ids"], video.pop("upload_s"))
     log.update(video)
     log.update(user)
     log.update({CONTEXT_PREFIX + name: values for name, values in context.items()})
-    return log, {"tab": tab_cardinality, **video_cards, **user_cards}
+    return log, {**video_distinct, **user_distinct}
 
 
 def history_log(src: Path, before_second: int) -> dict[str, np.ndarray]:
@@ -388,7 +368,7 @@ def history_log(src: Path, before_second: int) -> dict[str, np.ndarray]:
         "timestamps": cols["time_ms"] // 1000,
         "positions": np.full(len(videos), UNKNOWN_POSITION, dtype=np.int64),
         "action_bits": action_bits(cols),
-        CATEGORICAL_PREFIX + "tab": np.full(len(videos), UNKNOWN, dtype=np.int64),
+        CATEGORICAL_PREFIX + "tab": np.full(len(videos), MISSING, dtype=np.int64),
     }
     log.update(video)
     log.update(user)
@@ -413,10 +393,63 @@ def prepend(history: dict[str, np.ndarray], log: dict[str, np.ndarray]) -> dict[
     return {name: values[order] for name, values in both.items()}
 
 
+def take_rows(log: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[keep] for name, values in log.items()}
+
+
 def first_members(log: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
     """The rows of the ``count`` smallest member ids."""
-    keep = np.isin(log["member_id"], np.unique(log["member_id"])[:count])
-    return {name: values[keep] for name, values in log.items()}
+    return take_rows(log, np.isin(log["member_id"], np.unique(log["member_id"])[:count]))
+
+
+def id_columns(log: dict[str, np.ndarray]) -> list[str]:
+    """The columns that get a dense vocabulary: item and author ids, every categorical."""
+    return ["item_ids", "author_ids"] + [c for c in log if c.startswith(CATEGORICAL_PREFIX)]
+
+
+def build_vocabs(parts: list[dict[str, np.ndarray]], end_second: int) -> dict[str, np.ndarray]:
+    """Per id column, the vocabulary of its known values on the impressions of ``parts`` before
+    ``end_second`` (the end of the training window)."""
+    vocabs = {}
+    for column in id_columns(parts[0]):
+        seen = [p[column][(p["timestamps"] < end_second) & (p[column] != MISSING)] for p in parts]
+        vocabs[column] = build_vocab(np.concatenate(seen))
+    return vocabs
+
+
+def raw_vocabs(vocabs: dict[str, np.ndarray], distinct: dict[str, pa.Array]) -> dict[str, list]:
+    """The vocabularies as raw values for vocab.json: side-table codes become the table's values."""
+    return {column: distinct[column].take(pa.array(vocab)).to_pylist() if column in distinct
+            else vocab.tolist() for column, vocab in vocabs.items()}
+
+
+def assemble(
+    cols: dict[str, np.ndarray], src: Path, splits: list[Split], members: int | None,
+    pre_history: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, list], int]:
+    """The log to write, with dense ids; the vocabularies as raw values; the history rows added.
+
+    The vocabularies come from the whole log, before ``members`` narrows it, so a slice's ids
+    equal the full conversion's (as its context features do).
+    """
+    log, distinct = build_log(cols, src)
+    history = None
+    if pre_history:
+        history = history_log(src, splits[0].start)
+        # Members without log impressions get no rows, so their history is no training data.
+        history = take_rows(history, np.isin(history["member_id"], log["member_id"]))
+    vocabs = build_vocabs([log] + ([history] if history is not None else []), splits[0].end)
+    if members is not None:
+        log = first_members(log, members)
+    history_impressions = 0
+    if history is not None:
+        history = take_rows(history, np.isin(history["member_id"], log["member_id"]))
+        history_impressions = len(history["member_id"])
+        log = prepend(history, log)
+        logger.info("prepended %d pre-window history impressions", history_impressions)
+    for column, vocab in vocabs.items():
+        log[column] = apply_vocab(vocab, log[column])
+    return log, raw_vocabs(vocabs, distinct), history_impressions
 
 
 def convert(
@@ -434,8 +467,8 @@ def convert(
 
     Dates are YYYYMMDD ints, inclusive, in local time (UTC+8). ``extra_logs`` are more log files
     in the same format, appended to the log before deduplication and splitting. ``members`` keeps
-    only the first N user ids (for tests); context features still see the whole log.
-    ``pre_history`` prepends each member's pre-window watch history (see the module doc).
+    only the first N user ids (for tests); context features and vocabularies still see the whole
+    log. ``pre_history`` prepends each member's pre-window watch history (see the module doc).
     """
     src, out = Path(src), Path(out)
     if max_seq_len < 1:
@@ -454,17 +487,7 @@ def convert(
     logger.info("dropped %d duplicate rows; date column agrees with UTC+8 on %.2f%% of rows",
                 duplicates, 100 * agreement)
     splits = make_splits(int(cols["time_ms"].min() // 1000), train_end, valid_end, test_end)
-    log, cardinalities = build_log(cols, src)
-    if members is not None:
-        log = first_members(log, members)
-    history_impressions = 0
-    if pre_history:
-        history = history_log(src, splits[0].start)
-        in_log = np.isin(history["member_id"], log["member_id"])  # others would get no rows anyway
-        history = {name: values[in_log] for name, values in history.items()}
-        history_impressions = len(history["member_id"])
-        log = prepend(history, log)
-        logger.info("prepended %d pre-window history impressions", history_impressions)
+    log, vocabs, history_impressions = assemble(cols, src, splits, members, pre_history)
     check_log(log)
     logger.info("built %d impressions of %d members", len(log["member_id"]),
                 len(np.unique(log["member_id"])))
@@ -473,10 +496,13 @@ def convert(
     for split in splits:
         counts[split.name] = write_split(out, log, split, ACTION_NAMES, max_seq_len)
         logger.info("wrote %s: %s", split.name, counts[split.name])
+    write_vocabs(out, vocabs)
     meta = {
         "source": "kuairand",
         "action_names": ACTION_NAMES,
-        "categorical": cardinalities,
+        "categorical": [c.removeprefix(CATEGORICAL_PREFIX) for c in vocabs
+                        if c.startswith(CATEGORICAL_PREFIX)],
+        VOCAB_SIZES: {column: vocab_size(values) for column, values in vocabs.items()},
         "context": list(CONTEXT_NAMES),
         "true_probs": [],
         "splits": counts,

@@ -27,7 +27,9 @@ each label was drawn with; tasks are correlated through the shared interest term
 Members have lognormal numbers of impressions grouped into sessions (seconds apart inside a
 session, at least ``min_session_gap_s`` between sessions) over a window of ``num_days`` days.
 The log is split by time into train/valid/test and written with ``feedsr.data.sequences``; the
-latent vectors go to ``latents.npz`` so tests can recompute similarities.
+latent vectors go to ``latents.npz`` so tests can recompute similarities. Ids are already dense:
+posts 0..P-1, authors 0..A-1, each categorical 0..K-1, all known (no unknown row), so dataset.json
+records vocabulary sizes P, A and K (``feedsr.data.vocab``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from feedsr.data.pit import counts_before
 from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX
 from feedsr.data.sequences import (
     DATASET_META,
@@ -48,6 +51,8 @@ from feedsr.data.sequences import (
     write_dataset_meta,
     write_split,
 )
+from feedsr.data.tasks import encode_actions
+from feedsr.data.vocab import VOCAB_SIZES
 
 ACTION_NAMES = ("click", "long_view", "like", "comment", "share")
 CONTEXT_NAMES = ("post_quality", "post_age", "author_affinity")
@@ -467,26 +472,6 @@ def _draw_actions(
     return member_major, uniforms < member_major
 
 
-def _earlier_clicks(member: np.ndarray, author: np.ndarray, clicks: np.ndarray) -> np.ndarray:
-    """Per impression, the member's clicks on the same author in strictly earlier impressions.
-
-    The log is time-sorted within a member, so a stable sort by (member, author) keeps time order
-    inside each pair and an exclusive cumulative sum counts only the past.
-    """
-    key = member * (int(author.max()) + 1) + author
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    first = np.concatenate([[True], sorted_key[1:] != sorted_key[:-1]])
-    starts, group = np.flatnonzero(first), np.cumsum(first) - 1
-    counts = np.empty(len(key), dtype=np.int64)
-    counts[order] = _segment_cumsum(clicks[order].astype(np.int64), starts, group)
-    return counts
-
-
-def _action_bits(actions: np.ndarray) -> np.ndarray:
-    return (actions.astype(np.int64) << np.arange(actions.shape[1], dtype=np.int64)).sum(axis=1)
-
-
 def _build_log(
     timeline: _Timeline,
     catalog: _Catalog,
@@ -496,23 +481,22 @@ def _build_log(
 ) -> dict[str, np.ndarray]:
     """The flat per-impression log that ``write_split`` takes."""
     authors = catalog.post_author[posts]
-    clicks = actions[:, ACTION_NAMES.index("click")]
+    clicks = actions[:, [ACTION_NAMES.index("click")]].astype(np.int64)  # (n, 1)
+    earlier_clicks = counts_before([timeline.member, authors], timeline.timestamps, clicks)[:, 0]
     log = {
         "member_id": timeline.member,
         "item_ids": posts,
         "author_ids": authors,
         "timestamps": timeline.timestamps,
         "positions": timeline.positions,
-        "action_bits": _action_bits(actions),
+        "action_bits": encode_actions(actions),
         CATEGORICAL_PREFIX + "post_type": catalog.post_type[posts],
         CATEGORICAL_PREFIX + "surface": timeline.surfaces,
         CONTEXT_PREFIX + "post_quality": catalog.post_quality_obs[posts].astype(np.float32),
         CONTEXT_PREFIX + "post_age": np.log1p(_age_hours(timeline, catalog, posts)).astype(
             np.float32
         ),
-        CONTEXT_PREFIX + "author_affinity": np.log1p(
-            _earlier_clicks(timeline.member, authors, clicks)
-        ).astype(np.float32),
+        CONTEXT_PREFIX + "author_affinity": np.log1p(earlier_clicks).astype(np.float32),
     }
     for i, name in enumerate(ACTION_NAMES):
         log[TRUE_PROB_PREFIX + name] = probs[:, i].astype(np.float32)
@@ -589,12 +573,16 @@ def generate(
     meta = {
         "source": "synthetic",
         "action_names": list(ACTION_NAMES),
-        "categorical": {"post_type": cfg.num_post_types, "surface": len(cfg.surface_probs)},
+        "categorical": ["post_type", "surface"],
+        VOCAB_SIZES: {
+            "item_ids": len(catalog.post_vec),
+            "author_ids": len(catalog.author_vec),
+            CATEGORICAL_PREFIX + "post_type": cfg.num_post_types,
+            CATEGORICAL_PREFIX + "surface": len(cfg.surface_probs),
+        },
         "context": list(CONTEXT_NAMES),
         "true_probs": list(ACTION_NAMES),
         "num_members": num_members,
-        "num_items": len(catalog.post_vec),
-        "num_authors": len(catalog.author_vec),
         "seed": seed,
         # Lists, not tuples, so the returned dict equals dataset.json once read back.
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
