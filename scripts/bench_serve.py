@@ -73,13 +73,14 @@ def random_columns(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarr
 def request(spec, history: int, num_candidates: int, seed: int = 0):
     """(SequenceBlock of one member's history, Candidates) with random features."""
     from feedsr.data.block import SequenceBlock
+    from feedsr.data.tasks import encode_actions
     from feedsr.serve import Candidates
 
     rng = np.random.default_rng(seed)
     timestamps = np.sort(rng.integers(0, 30 * 86400, history))
     values = random_columns(spec, history, rng) | {
         "timestamps": timestamps, "positions": rng.integers(0, 60, history),
-        "action_bits": rng.integers(0, 1 << len(spec.read.action_names), history),
+        "action_bits": encode_actions(rng.integers(0, 2, (history, len(spec.read.action_names)))),
     }
     block = SequenceBlock(lengths=np.array([history]), values=values,
                           rows={"member_id": np.zeros(1, np.int64), "num_targets": np.ones(1, np.int64)})

@@ -177,3 +177,21 @@ def test_bad_file_among_good_ones_is_found_before_training(tmp_path):
     good_file(split, name="part-00000.parquet")
     (split / "part-00001.parquet").write_bytes(b"")
     expect("part-00001.parquet: file is empty", open_files, split_files(tmp_path, "train"), SPEC)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"shuffle_buffer": -1}, "data.shuffle_buffer must be >= 0, got -1"),
+    ({"id_tables": {"author_ids": 0}}, "data.id_tables.author_ids must be >= 1 or null (the dataset's vocabulary size), got 0"),
+    ({"categorical": {"surface": -3}}, "data.categorical.surface must be >= 1 or null (the dataset's vocabulary size), got -3"),
+    ({"action_names": ["click", "like", "click"]},
+     "data.action_names has duplicates: ['click', 'like', 'click']"),
+    ({"action_names": [f"a{i}" for i in range(63)], "tasks": [{"name": "a0"}]},
+     "data.action_names: at most 62 actions fit in action_bits, got 63"),
+    ({"context": ["age", "age"]}, "data.context has duplicates: ['age', 'age']"),
+])
+def test_bad_data_config_names_key_and_value(overrides, message):
+    from feedsr.data.config import DataConfig
+
+    kw = {"action_names": ["click", "like"], "tasks": [{"name": "click"}], "id_tables": {"item_ids": 10}}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DataConfig(**(kw | overrides))

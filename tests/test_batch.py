@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import ACTIONS, SPEC
 from feedsr.data.batch import BatchSpec, Collator, pad_jagged
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
-from feedsr.data.tasks import build_tasks
+from feedsr.data.tasks import build_tasks, encode_actions
 
 TASKS = tuple(build_tasks(
     [{"name": "click"}, {"name": "engage", "actions": ["like", "share"], "group": "active"}], ACTIONS
@@ -40,7 +41,8 @@ def test_batch_matches_block(uneven_split):
         bits = block.values["action_bits"]
         np.testing.assert_array_equal(batch.labels[:, 0].numpy(), (bits & 1) != 0)
         np.testing.assert_array_equal(batch.labels[:, 1].numpy(), (bits & 0b110) != 0)
-        np.testing.assert_array_equal(batch.actions.numpy(), [[(b >> i) & 1 for i in range(3)] for b in bits])
+        assert batch.actions.shape == (n, 3) and set(batch.actions.unique().tolist()) <= {0.0, 1.0}
+        np.testing.assert_array_equal(encode_actions(batch.actions.numpy()), bits)
         assert batch.context.shape == (n, 1) and batch.true_probs.isnan().all()
         # target_mask marks exactly the num_targets tail of each row
         for i, (lo, hi) in enumerate(zip(block.offsets[:-1], block.offsets[1:])):
@@ -64,3 +66,26 @@ def test_pad_jagged_round_trip():
     assert torch.equal(padded[mask], values)
     assert (padded[~mask] == -1).all()
     assert mask.sum(1).tolist() == [3, 1, 0, 2]
+
+
+def test_session_ids_come_from_the_unshuffled_order(uneven_split):
+    """The in-session shuffle moves timestamps out of order; the session ids travel unchanged."""
+    from feedsr.data.block import session_ids
+
+    files = open_files(split_files(uneven_split.parent, "train"), SPEC)
+    spec = dataclasses.replace(BSPEC, session_gap_s=1000)
+
+    def first_batch(shuffle):
+        cfg = ReaderConfig(batch_size=300, session_shuffle=shuffle, session_gap_s=1000, seed=5)
+        return next(iter(SequenceReader(files, SPEC, cfg, collate=Collator(spec))))
+
+    plain, mixed = first_batch(False), first_batch(True)
+    np.testing.assert_array_equal(
+        plain.session_ids.numpy(), session_ids(plain.timestamps.numpy(), plain.lengths.numpy(), 1000))
+    for lo, hi in zip(plain.offsets[:-1].tolist(), plain.offsets[1:].tolist()):
+        key = lambda b: sorted(zip(b.session_ids[lo:hi].tolist(), b.timestamps[lo:hi].tolist(),  # noqa: E731
+                                   b.sparse["item_ids"].values()[lo:hi].tolist()))
+        assert key(mixed) == key(plain), "an impression changed its session id"
+    # guard: the gap rule on the shuffled timestamps would have split sessions
+    regapped = session_ids(mixed.timestamps.numpy(), mixed.lengths.numpy(), 1000)
+    assert (regapped != mixed.session_ids.numpy()).any()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import MODEL_SPEC, make_batch, make_block
 from feedsr.data.batch import collate
-from feedsr.data.block import SequenceBlock
+from feedsr.data.block import SequenceBlock, session_shuffle
+from feedsr.data.config import DataConfig
 from feedsr.model import build_model
-from feedsr.model.config import ModelConfig
+from feedsr.model.config import ModelConfig, PositionBiasConfig, check_model_config, model_width
 from feedsr.model.heads import HeadConfig, MMoEHead
 from feedsr.model.rope import apply_rope, rope_angles
 
@@ -67,12 +70,17 @@ def test_session_mask_hides_same_session_tokens():
 
 def test_no_history_ablation_sees_only_the_impression():
     block = make_block([6], seed=3)
-    model = model_of(use_history=False)
-    base = predict(model, block)
-    changed = predict(model, edited(block, "item_ids", 2, 60))
-    changed = predict(model, edited(edited(block, "item_ids", 2, 60), "action_bits", 1, 7))
+    edit = edited(edited(block, "item_ids", 2, 60), "action_bits", 1, 7)
     keep = [0, 1, 3, 4, 5]
+    model = model_of(use_history=False)
+    base, changed = predict(model, block), predict(model, edit)
     torch.testing.assert_close(changed[keep], base[keep], rtol=0, atol=0)
+    assert (changed[2] - base[2]).abs().max() > 1e-5  # its own item still counts
+    # positive control: the same edit moves the later predictions of a model with history, so
+    # the equality above is the ablation's doing, not an edit the model cannot see
+    model = model_of(use_history=True)
+    base, changed = predict(model, block), predict(model, edit)
+    assert all((changed[t] - base[t]).abs().max() > 1e-5 for t in (3, 4, 5))
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -167,3 +175,98 @@ def test_transformer_keep_equals_selecting_afterwards(masked):
     keep = torch.rand(3, 10) < 0.5
     full = net(x, None, mask)
     torch.testing.assert_close(net(x, None, mask, keep=keep), full[keep], rtol=1e-5, atol=1e-6)
+
+
+def long_sessions() -> SequenceBlock:
+    """Two members; sessions last longer than the 1800 s gap (impressions 1000 s apart):
+    member 0 has one session of 6, member 1 two of 4. Every timestamp is unique."""
+    block = make_block([6, 8], seed=8)
+    ts = np.array([0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 120, 121, 122, 123]) * 1000
+    return dataclasses.replace(block, values=block.values | {"timestamps": ts})
+
+
+def test_session_mask_ignores_the_in_session_shuffle():
+    """Without positions, a session-masked prediction reads a set of earlier sessions: shuffling
+    within sessions must only permute the predictions (it did not when the model re-derived
+    sessions from the shuffled timestamps: 6 impressions came out as sessions [0, 1, 1, 2, 2, 3])."""
+    block = long_sessions()
+    shuffled = session_shuffle(block, 1800, np.random.default_rng(0))
+    order = np.searchsorted(block.values["timestamps"], shuffled.values["timestamps"])
+    assert (order != np.arange(len(order))).any(), "the shuffle left the order alone"
+    assert collate(shuffled, MODEL_SPEC).session_ids.tolist() == [0] * 6 + [0] * 4 + [1] * 4
+    model = model_of(session_mask=True, position_encoding="none")
+    torch.testing.assert_close(predict(model, shuffled), predict(model, block)[order], rtol=1e-5, atol=1e-6)
+
+
+def test_session_gap_comes_from_the_batch_spec():
+    """One gap (data.session_gap_s, carried by the BatchSpec): a gap above the sessions' length
+    makes member 1 a single session, and member 1's predictions change with it."""
+    block = long_sessions()
+    wide = dataclasses.replace(MODEL_SPEC, session_gap_s=50_000)
+    assert collate(block, wide).session_ids.tolist() == [0] * 14
+    model = model_of(session_mask=True)
+    with torch.no_grad():
+        narrow_out, wide_out = model(collate(block, MODEL_SPEC)), model(collate(block, wide))
+    torch.testing.assert_close(narrow_out[:10], wide_out[:10], rtol=0, atol=0)
+    assert (narrow_out[10:] - wide_out[10:]).abs().max() > 1e-5
+
+
+# ------------------------------------------------------------------ config validation
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: PositionBiasConfig(score_position=60),
+     "model.position_bias.score_position must be in [0, 60) or null, got 60"),
+    (lambda: PositionBiasConfig(score_position=-1),
+     "model.position_bias.score_position must be in [0, 60) or null, got -1"),
+    (lambda: PositionBiasConfig(num_positions=0, score_position=None),
+     "model.position_bias.num_positions must be >= 1, got 0"),
+    (lambda: ModelConfig(rope_time_unit_s=0.0), "model.rope_time_unit_s must be > 0, got 0.0"),
+    (lambda: ModelConfig(rope_base=0.0), "model.rope_base must be > 1, got 0.0"),
+    (lambda: ModelConfig(residual_init=-0.1), "model.residual_init must be >= 0, got -0.1"),
+    (lambda: ModelConfig(residual_init=float("nan")), "model.residual_init must be >= 0, got nan"),
+    (lambda: ModelConfig(d_model=0), "model.d_model must be >= 1 or null, got 0"),
+    (lambda: ModelConfig(dcn_cross_layers=-1), "model.dcn_cross_layers must be >= 0, got -1"),
+    (lambda: ModelConfig(dcn_deep_dims=[64, 0]), "model.dcn_deep_dims must hold widths >= 1, got [64, 0]"),
+    (lambda: HeadConfig(hidden_dims=[0]), "model.head.hidden_dims must hold widths >= 1, got [0]"),
+    (lambda: HeadConfig(expert_dims=[-4]), "model.head.expert_dims must hold widths >= 1, got [-4]"),
+    (lambda: HeadConfig(tower_dims=[32, -1]), "model.head.tower_dims must hold widths >= 1, got [32, -1]"),
+    (lambda: HeadConfig(cross_layers=-1), "model.head.cross_layers must be >= 0, got -1"),
+])
+def test_bad_model_config_names_key_and_value(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def data_config(**overrides) -> DataConfig:
+    """3 id features (author, post_type, surface) and 2 context features."""
+    return DataConfig(**{"action_names": ["click"], "tasks": [{"name": "click"}],
+                         "id_tables": {"author_ids": 9}, "categorical": {"post_type": 4, "surface": 4},
+                         "context": ["age", "quality"], **overrides})
+
+
+def test_model_width_is_known_before_any_data():
+    assert model_width(ModelConfig(), num_id_features=3, context_dim=2) == 48
+    assert model_width(ModelConfig(late_fusion=False), num_id_features=3, context_dim=2) == 50
+    assert model_width(ModelConfig(d_model=32), num_id_features=3, context_dim=2) == 32
+    for cfg in (ModelConfig(embedding_dim=8), ModelConfig(late_fusion=False, d_model=24)):
+        model = build_model(cfg, MODEL_SPEC, max_seq_len=8)  # MODEL_SPEC: 3 id features, 1 context
+        assert model.transformer.ln_out.normalized_shape[0] == model_width(cfg, 3, 1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_heads": 5}, "model width 48 is not divisible by model.num_heads=5"),
+    ({"num_heads": 16}, "RoPE needs an even head dimension: model width 48 / model.num_heads=16 = 3"),
+    ({"num_heads": 24, "rope_time": True},
+     "model.rope_time needs a head dimension >= 4: model width 48 / model.num_heads=24 = 2"),
+    ({"late_fusion": False, "num_heads": 2, "embedding_dim": 15}, "model width 47 is not divisible"),
+])
+def test_check_model_config_rejects_bad_widths(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_model_config(ModelConfig(**overrides), data_config())
+
+
+def test_check_model_config_accepts_what_builds():
+    check_model_config(ModelConfig(num_heads=3), data_config())
+    check_model_config(ModelConfig(num_heads=5, d_model=40), data_config())
+    check_model_config(ModelConfig(name="dcnv2", num_heads=5), data_config())  # no attention: no heads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,13 @@ def test_layers_import_only_the_layers_below_them():
 
 def test_non_editable_install_runs_from_another_directory(tmp_path):
     """`pip install .` (not -e) must ship the Hydra configs: they used to live outside the package."""
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"
+    # from a copy: setuptools builds inside the source tree (build/, *.egg-info)
+    local = {".git", ".venv", "runs", "data", "outputs", "build", "feedsr.egg-info"}
+    shutil.copytree(REPO, source, symlinks=True,
+                    ignore=lambda where, names: [n for n in names if Path(where) == REPO and n in local])
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     env = os.environ | {"PYTHONPATH": str(target)}
     where = subprocess.run([sys.executable, "-c", "import feedsr; print(feedsr.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, check=True).stdout.strip()

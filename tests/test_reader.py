@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from conftest import SPEC
+from conftest import ACTIONS, SPEC
 from feedsr.data.reader import (
     ReaderConfig,
     SequenceReader,
@@ -14,6 +14,7 @@ from feedsr.data.reader import (
     open_files,
     split_files,
 )
+from feedsr.data.schema import DataError
 
 
 def epoch_batches(split_dir, world_size, rank, num_workers, epoch=0, skip=0, **cfg):
@@ -30,20 +31,24 @@ def member_ids(batches):
     return [int(m) for b in batches for m in b.rows["member_id"]]
 
 
+def every_rank(split_dir, world_size, num_workers, **cfg):
+    """One epoch on every rank: (member ids over all ranks, the set of the ranks' batch counts)."""
+    seen, counts = [], set()
+    for rank in range(world_size):
+        batches, length = epoch_batches(split_dir, world_size, rank, num_workers, **cfg)
+        assert len(batches) == length
+        assert all(1 <= len(b) <= cfg["batch_size"] for b in batches)
+        counts.add(len(batches))
+        seen += member_ids(batches)
+    return seen, counts
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("shuffle,bucketing", [(False, False), (False, True), (True, False), (True, True)])
 def test_ranks_and_workers_partition_rows(uneven_split, world_size, num_workers, shuffle, bucketing):
-    seen, counts = [], set()
-    for rank in range(world_size):
-        batches, length = epoch_batches(
-            uneven_split, world_size, rank, num_workers,
-            batch_size=16, shuffle=shuffle, shuffle_buffer=40, seed=3, length_bucketing=bucketing,
-        )
-        assert len(batches) == length
-        assert all(1 <= len(b) <= 16 for b in batches)
-        counts.add(len(batches))
-        seen += member_ids(batches)
+    seen, counts = every_rank(uneven_split, world_size, num_workers, batch_size=16, shuffle=shuffle,
+                              shuffle_buffer=40, seed=3, length_bucketing=bucketing)
     assert len(counts) == 1, f"ranks got different batch counts: {counts}"
     assert sorted(seen) == list(range(203)), "rows missing or duplicated"
 
@@ -164,3 +169,72 @@ def test_reader_streams_row_groups_not_files(uneven_split, monkeypatch):
     assert sum(len(b) for b in batches) == 203
     num_row_groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in uneven_split.iterdir())
     assert len(calls) == num_row_groups == 8 + 4 + 1 + 2  # each row group read exactly once
+
+
+@pytest.mark.parametrize("batch_size,buffer", [(64, 40), (128, 100), (16, 1)])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bucketed_shuffle_with_a_buffer_smaller_than_a_batch(uneven_split, batch_size, buffer, world_size):
+    seen, counts = every_rank(uneven_split, world_size, 0, batch_size=batch_size, shuffle=True,
+                              shuffle_buffer=buffer, length_bucketing=True)
+    assert len(counts) == 1, f"ranks got different batch counts: {counts}"
+    assert sorted(seen) == list(range(203)), "rows missing or duplicated"
+
+
+HOLDOUT = 23  # the first 23 rows of the split: crosses three 7-row row groups into a fourth
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_holdout_rows_are_never_trained_on(uneven_split, world_size, num_workers):
+    kw = dict(batch_size=16, shuffle=True, shuffle_buffer=40, seed=3, length_bucketing=True,
+              holdout_rows=HOLDOUT)
+    train, counts = every_rank(uneven_split, world_size, num_workers, **kw)
+    held, held_counts = every_rank(uneven_split, world_size, num_workers, holdout=True, **kw)
+    assert len(counts) == len(held_counts) == 1, f"ranks got different batch counts: {counts}, {held_counts}"
+    # conftest's member ids count rows in file / row-group order: the holdout is members 0..22
+    assert sorted(held) == list(range(HOLDOUT))
+    assert sorted(train) == list(range(HOLDOUT, 203)), "holdout rows trained on, or rows lost"
+
+
+def test_holdout_is_deterministic_across_seeds_and_epochs(uneven_split):
+    def holdout(seed, epoch):
+        batches, _ = epoch_batches(uneven_split, 1, 0, 0, epoch=epoch, seed=seed, batch_size=64,
+                                   holdout_rows=HOLDOUT, holdout=True)
+        return member_ids(batches), np.concatenate([b.values["item_ids"] for b in batches])
+
+    ids, items = holdout(0, 0)
+    assert ids == list(range(HOLDOUT))
+    for seed, epoch in [(0, 0), (5, 3)]:
+        again_ids, again_items = holdout(seed, epoch)
+        assert again_ids == ids
+        np.testing.assert_array_equal(again_items, items)
+
+
+def test_build_loader_threads_the_holdout(uneven_split):
+    from feedsr.data.config import DataConfig, batch_spec, build_loader
+
+    cfg = DataConfig(path=str(uneven_split.parent), action_names=ACTIONS, tasks=[{"name": "click"}],
+                     id_tables={"item_ids": 50}, categorical={"surface": 4}, context=["age"],
+                     batch_size=16, num_workers=0)
+    spec = batch_spec(cfg)
+
+    def members(**holdout):
+        loader = build_loader(cfg, spec, "train", train=True, **holdout)
+        return sorted(int(m) for batch in loader for m in batch.member_ids)
+
+    assert members(holdout_rows=HOLDOUT, holdout=True) == list(range(HOLDOUT))
+    assert members(holdout_rows=HOLDOUT) == list(range(HOLDOUT, 203))
+    assert members() == list(range(203))
+
+
+def test_bad_holdout_is_rejected(uneven_split):
+    with pytest.raises(ValueError, match="holdout_rows must be >= 0, got -1"):
+        ReaderConfig(batch_size=8, holdout_rows=-1)
+    with pytest.raises(ValueError, match="holdout=True needs holdout_rows >= 1"):
+        ReaderConfig(batch_size=8, holdout=True)
+    with pytest.raises(DataError, match="holdout_rows=203 leaves no rows of the split's 203"):
+        epoch_batches(uneven_split, 1, 0, 0, batch_size=8, holdout_rows=203)
+    # reading the first N rows of a shorter split (a validation cap) reads all of it
+    batches, _ = epoch_batches(uneven_split, 2, 1, 0, batch_size=8, holdout_rows=500, holdout=True)
+    everything, _ = epoch_batches(uneven_split, 2, 1, 0, batch_size=8)
+    assert member_ids(batches) == member_ids(everything)

@@ -145,6 +145,10 @@ def test_bad_requests_are_rejected():
     with pytest.raises(ValueError, match=r"lack column\(s\) \['cat_surface'\]"):
         values = {k: v for k, v in candidates.values.items() if k != "cat_surface"}
         scorer.score(history, dataclasses.replace(candidates, values=values))
+    with pytest.raises(ValueError, match="histories must be oldest first"):  # session ids read the order
+        reversed_times = history.values["timestamps"][::-1].copy()
+        scorer.score(dataclasses.replace(history, values=history.values | {"timestamps": reversed_times}),
+                     candidates)
     with pytest.raises(ValueError, match="method must be one of"):
         scorer.score(history, candidates, method="fast")
     with pytest.raises(ValueError, match="sum\\(counts\\) = 3 rows"):

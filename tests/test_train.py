@@ -321,3 +321,10 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "feedsr: invalid config: optimizer.div_factor must be >= 1 (start = lr / div_factor), got 0.0"]
     assert not data.exists()  # nothing generated before the config was found bad
+
+
+def test_bad_width_is_found_before_data_is_generated(tmp_path):
+    data = tmp_path / "synthetic"
+    with pytest.raises(ConfigError, match=r"model width 48 is not divisible by model.num_heads=5"):
+        run(compose([f"data.path={data}", "model.num_heads=5", f"output_root={tmp_path}"]))
+    assert not data.exists()

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from feedsr.data.block import SequenceBlock
+from feedsr.data.block import DEFAULT_SESSION_GAP_S, SequenceBlock, sessions_of
 from feedsr.data.reader import ReadSpec
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX
-from feedsr.data.tasks import Task, task_bitmasks, task_labels
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, ID_COLUMNS, TRUE_PROB_PREFIX
+from feedsr.data.tasks import Task, decode_actions, task_bitmasks, task_labels
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Batch:
     member_ids: torch.Tensor  # (B,) int64
     num_targets: torch.Tensor  # (B,) int64 trailing target impressions per member
     timestamps: torch.Tensor  # (N,) int64 seconds
+    session_ids: torch.Tensor  # (N,) int64 session index within the member's row (from 0), taken
+    # before the in-session shuffle: the shuffled timestamps no longer show where sessions end
     positions: torch.Tensor  # (N,) int64 feed position, -1 unknown
     actions: torch.Tensor  # (N, M) float32 multi-hot of the M actions (the action-token input)
     context: torch.Tensor  # (N, C) float32 late-fusion features
@@ -67,19 +69,22 @@ class BatchSpec:
             smaller than the table is therefore collision-free). Keys: ``item_ids`` and/or
             ``author_ids`` (a missing one is not fed to the model), then ``cat_<name>`` for each
             categorical.
+        session_gap_s: seconds without an impression that end a session, for rows that do not
+            carry their session ids yet (``data.session_gap_s``; serving uses it too).
     """
 
     read: ReadSpec
     tasks: tuple[Task, ...]
     id_hash_sizes: dict[str, int]
+    session_gap_s: int = DEFAULT_SESSION_GAP_S
 
     def __post_init__(self):
         cats = [CATEGORICAL_PREFIX + c for c in self.read.categorical]
         ids = [k for k in self.id_hash_sizes if k not in cats]
-        if ids not in ([], ["item_ids"], ["author_ids"], ["item_ids", "author_ids"]) or \
+        if ids != [c for c in ID_COLUMNS if c in ids] or \
                 [k for k in self.id_hash_sizes if k in cats] != cats or not self.id_hash_sizes:
-            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}: expected item_ids and/or "
-                             f"author_ids, then every categorical {cats}")
+            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}: expected some of "
+                             f"{list(ID_COLUMNS)} in that order, then every categorical {cats}")
         bad = {k: v for k, v in self.id_hash_sizes.items() if v < 1}
         if bad:
             raise ValueError(f"id table sizes must be >= 1, got {bad}")
@@ -113,8 +118,7 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         lengths=torch.from_numpy(np.tile(lengths, len(ids))),
     )
     bits = v["action_bits"]
-    num_actions = len(spec.read.action_names)
-    actions = ((bits[:, None] >> np.arange(num_actions)) & 1).astype(np.float32)
+    actions = decode_actions(bits, len(spec.read.action_names)).astype(np.float32)
     context = (
         np.stack([v[CONTEXT_PREFIX + c] for c in spec.read.context], axis=1)
         if spec.read.context else np.zeros((n, 0), np.float32)
@@ -129,6 +133,7 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         member_ids=_tensor(block.rows["member_id"]),
         num_targets=_tensor(block.rows["num_targets"]),
         timestamps=_tensor(v["timestamps"]),
+        session_ids=_tensor(sessions_of(block, spec.session_gap_s)),
         positions=_tensor(v["positions"]),
         actions=torch.from_numpy(actions),
         context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
@@ -149,7 +154,7 @@ class Collator:
 
 
 def pad_jagged(
-    values: torch.Tensor, lengths: torch.Tensor, max_len: int, padding_value: float = 0.0
+    values: torch.Tensor, lengths: torch.Tensor, max_len: int, padding_value: float | int = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, ...) flat values -> ((B, T, ...) padded, (B, T) bool mask of real positions)."""
     batch = len(lengths)

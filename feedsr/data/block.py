@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+SESSION_IDS = "session_ids"  # a derived per-impression value: computed once, before any shuffle
+DEFAULT_SESSION_GAP_S = 1800  # 30 minutes without an impression end a session
+
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + n) for each (s, n), vectorized."""
@@ -67,6 +70,13 @@ class SequenceBlock:
         in_row = np.arange(int(self.lengths.sum())) - np.repeat(self.offsets[:-1], self.lengths)
         return in_row >= np.repeat(self.lengths - self.rows["num_targets"], self.lengths)
 
+    def time_goes_back(self) -> np.ndarray:
+        """(N,) bool: impression is older than the one before it in its row (rows are oldest first)."""
+        back = np.zeros(int(self.lengths.sum()), dtype=bool)
+        back[1:] = np.diff(self.values["timestamps"]) < 0
+        back[self.offsets[:-1][self.lengths > 0]] = False  # a row may start before the last one ends
+        return back
+
     def truncate(self, max_len: int) -> SequenceBlock:
         """Keep each row's newest ``max_len`` impressions; num_targets shrinks with it."""
         if len(self) == 0 or self.lengths.max() <= max_len:
@@ -87,6 +97,27 @@ class SequenceBlock:
         )
 
 
+def session_ids(timestamps: np.ndarray, lengths: np.ndarray, gap_s: int) -> np.ndarray:
+    """(N,) int64 session index of each impression within its row, counted from 0.
+
+    The one definition of a session: a new one starts after more than ``gap_s`` seconds without an
+    impression. ``timestamps`` must be oldest first within each row (as stored, before a shuffle).
+    """
+    new = np.zeros(len(timestamps), dtype=np.int64)
+    new[1:] = np.diff(timestamps) > gap_s
+    starts = offsets_of(lengths)[:-1][lengths > 0]
+    new[starts] = 0
+    count = np.cumsum(new)
+    return count - np.repeat(count[starts], lengths[lengths > 0])
+
+
+def sessions_of(block: SequenceBlock, gap_s: int) -> np.ndarray:
+    """The block's session ids: those it carries (computed before a shuffle), else from its times."""
+    if SESSION_IDS in block.values:
+        return block.values[SESSION_IDS]
+    return session_ids(block.values["timestamps"], block.lengths, gap_s)
+
+
 def session_shuffle(
     block: SequenceBlock, gap_s: int, rng: np.random.Generator
 ) -> SequenceBlock:
@@ -95,24 +126,26 @@ def session_shuffle(
     A member's feedback inside one session is strongly correlated, and at serving time the current
     session is not in the history yet; shuffling within sessions stops the model from learning the
     within-session order (the paper's default). History and targets are shuffled separately, so no
-    target moves into the history or the other way round. Timestamps travel with their impression.
+    target moves into the history or the other way round. Timestamps travel with their impression,
+    and so do the session ids, computed here first: the shuffled timestamps no longer show them.
     """
     n = int(block.lengths.sum())
     if n == 0:
         return block
-    ts = block.values["timestamps"]
+    sessions = sessions_of(block, gap_s)
     off = block.offsets
     row_start = np.zeros(n, dtype=bool)
     row_start[off[:-1][block.lengths > 0]] = True
     target_start = np.zeros(n, dtype=bool)
     first_target = off[1:] - block.rows["num_targets"]
     target_start[first_target[first_target < off[1:]]] = True
-    gap = np.zeros(n, dtype=bool)
-    gap[1:] = np.diff(ts) > gap_s
-    segment = np.cumsum(row_start | target_start | gap)  # non-decreasing segment id
+    new_session = np.zeros(n, dtype=bool)
+    new_session[1:] = np.diff(sessions) != 0
+    segment = np.cumsum(row_start | target_start | new_session)  # non-decreasing segment id
     order = np.lexsort((rng.random(n), segment))  # random order within each segment
+    values = block.values | {SESSION_IDS: sessions}
     return SequenceBlock(
         lengths=block.lengths,
         rows=block.rows,
-        values={k: v[order] for k, v in block.values.items()},
+        values={k: v[order] for k, v in values.items()},
     )

@@ -10,9 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from feedsr.data.batch import BatchSpec, Collator
+from feedsr.data.block import DEFAULT_SESSION_GAP_S
 from feedsr.data.reader import ReaderConfig, ReadSpec, SequenceReader, open_files, split_files
-from feedsr.data.schema import CATEGORICAL_PREFIX, DataError
+from feedsr.data.schema import CATEGORICAL_PREFIX, ID_COLUMNS, MAX_ACTIONS, DataError
 from feedsr.data.sequences import read_dataset_meta
+from feedsr.data.vocab import VOCAB_SIZES, collision_rate, table_sizes
 from feedsr.data.tasks import Task, build_tasks
 
 
@@ -29,9 +31,11 @@ class DataConfig:
     """Where the data is, what it holds, and how it is batched.
 
     ``id_tables`` and ``categorical`` give the embedding table size per id feature; ids are taken
-    modulo it. A feature left out of them is not fed to the model (e.g. post ids, when posts are
-    so short-lived that their embeddings would only memorize the training window). ``generate`` (synthetic data only) makes the dataset on first use when ``path``
-    holds none.
+    modulo it. ``null`` means the dataset's vocabulary size (``vocab_sizes`` in dataset.json: one
+    row per id, none shared); a smaller table shares rows, and the trainer prints how many ids do.
+    A feature left out of them is not fed to the model (e.g. post ids, when posts are so
+    short-lived that their embeddings would only memorize the training window). ``generate``
+    (synthetic data only) makes the dataset on first use when ``path`` holds none.
     """
 
     name: str = "synthetic"
@@ -41,8 +45,8 @@ class DataConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     # Empty by default: OmegaConf merges dicts key by key, so a default entry could never be
     # removed by a data config. Remove one on the command line with ~data.id_tables.item_ids.
-    id_tables: dict[str, int] = field(default_factory=dict)
-    categorical: dict[str, int] = field(default_factory=dict)  # name (no cat_ prefix) -> table size
+    id_tables: dict[str, int | None] = field(default_factory=dict)
+    categorical: dict[str, int | None] = field(default_factory=dict)  # name (no cat_ prefix) -> table size
     context: list[str] = field(default_factory=list)  # names (no ctx_ prefix)
     train_split: str = "train"
     valid_split: str = "valid"
@@ -54,25 +58,43 @@ class DataConfig:
     shuffle_buffer: int = 4096
     length_bucketing: bool = True  # training batches of similar lengths: far less padding
     session_shuffle: bool = True
-    session_gap_s: int = 1800
+    session_gap_s: int = DEFAULT_SESSION_GAP_S  # the one session rule: shuffle, mask and serving
     drop_last: bool = False
 
     def __post_init__(self):
+        self._check_names()
+        self._check_tables()
+        for name in ("max_seq_len", "batch_size", "eval_batch_size", "session_gap_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        tasks_of(self)  # validates the task list against the action names
+
+    def _check_names(self) -> None:
         if not self.action_names:
             raise ValueError("data.action_names is empty")
-        unknown = set(self.id_tables) - {"item_ids", "author_ids"}
+        if len(self.action_names) > MAX_ACTIONS:
+            raise ValueError(f"data.action_names: at most {MAX_ACTIONS} actions fit in action_bits, "
+                             f"got {len(self.action_names)}")
+        for name in ("action_names", "context"):
+            names = list(getattr(self, name))
+            if len(set(names)) < len(names):
+                raise ValueError(f"data.{name} has duplicates: {names}")
+
+    def _check_tables(self) -> None:
+        unknown = set(self.id_tables) - set(ID_COLUMNS)
         if unknown or not (self.id_tables or self.categorical):
             raise ValueError(
-                f"data.id_tables takes item_ids and/or author_ids (got {list(self.id_tables)}), and the "
+                f"data.id_tables takes some of {list(ID_COLUMNS)} (got {list(self.id_tables)}), and the "
                 "model needs at least one id or categorical feature"
             )
-        for name, value in [("max_seq_len", self.max_seq_len), ("batch_size", self.batch_size),
-                            ("eval_batch_size", self.eval_batch_size), ("session_gap_s", self.session_gap_s)]:
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        tasks_of(self)  # validates the task list against the action names
+        for name in ("id_tables", "categorical"):
+            for key, size in getattr(self, name).items():
+                if size is not None and size < 1:
+                    raise ValueError(f"data.{name}.{key} must be >= 1 or null (the dataset's "
+                                     f"vocabulary size), got {size}")
 
 
 def tasks_of(cfg: DataConfig) -> list[Task]:
@@ -118,9 +140,36 @@ def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:
         context=tuple(cfg.context),
         true_probs=true_probs,
     )
-    ids = {k: cfg.id_tables[k] for k in ("item_ids", "author_ids") if k in cfg.id_tables}
-    sizes = ids | {CATEGORICAL_PREFIX + k: v for k, v in cfg.categorical.items()}
-    return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_hash_sizes=sizes)
+    try:
+        sizes = table_sizes(configured_tables(cfg), meta or {})
+    except ValueError as e:
+        raise DataError(f"{cfg.path}: {e}") from None
+    return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_hash_sizes=sizes,
+                     session_gap_s=cfg.session_gap_s)
+
+
+def configured_tables(cfg: DataConfig) -> dict[str, int | None]:
+    """Id feature (column name) -> configured table size, None for the dataset's vocabulary."""
+    ids = {k: cfg.id_tables[k] for k in ID_COLUMNS if k in cfg.id_tables}
+    return ids | {CATEGORICAL_PREFIX + k: v for k, v in cfg.categorical.items()}
+
+
+def collision_report(cfg: DataConfig, meta: dict) -> list[str]:
+    """One line per table configured smaller than the dataset's vocabulary: ids then share rows."""
+    recorded = meta.get(VOCAB_SIZES, {})
+    lines = []
+    for feature, size in configured_tables(cfg).items():
+        vocab = recorded.get(feature)
+        if size is not None and vocab is not None and size < vocab:
+            lines.append(f"{feature}: {size} table rows for {vocab} ids: {collision_rate(vocab, size):.1%} "
+                         f"of them share a row (set data.{_config_key(feature)}=null for one row each)")
+    return lines
+
+
+def _config_key(feature: str) -> str:
+    if feature.startswith(CATEGORICAL_PREFIX):
+        return f"categorical.{feature[len(CATEGORICAL_PREFIX):]}"
+    return f"id_tables.{feature}"
 
 
 def build_loader(
@@ -131,8 +180,14 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    holdout_rows: int = 0,
+    holdout: bool = False,
 ) -> DataLoader:
-    """A DataLoader over one split for one rank. Training shuffles; evaluation keeps file order."""
+    """A DataLoader over one split for one rank. Training shuffles; evaluation keeps file order.
+
+    ``holdout_rows``: the split's first rows (file / row-group order) are left out; with
+    ``holdout=True`` the loader reads only them (HDET's clean batch, from the training split).
+    """
     files = open_files(split_files(cfg.path, split), spec.read)
     reader_cfg = ReaderConfig(
         batch_size=cfg.batch_size if train else cfg.eval_batch_size,
@@ -146,6 +201,8 @@ def build_loader(
         drop_last=train and cfg.drop_last,
         rank=rank,
         world_size=world_size,
+        holdout_rows=holdout_rows,
+        holdout=holdout,
     )
     reader = SequenceReader(files, spec.read, reader_cfg, collate=Collator(spec))
     # Its own generator: each new iterator draws a worker base seed, which must not advance the

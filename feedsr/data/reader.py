@@ -3,6 +3,9 @@
 How an epoch is cut (all of it is arithmetic on row-group sizes from the files' footers, so every
 rank and worker computes the same plan without talking to the others):
 
+0. With ``holdout_rows`` = H, the split's first H rows in file / row-group order are set aside
+   (HDET's clean batch): a training reader never reads them, a ``holdout`` reader reads only them.
+   Either way the rows it reads are cut as below.
 1. The row groups of all files ("units") are put in an order: shuffled by (seed, epoch) for
    training, file/row-group order otherwise. Concatenated, they form one global row sequence.
 2. Rank r takes the contiguous rows [r*N/W, (r+1)*N/W): no overlap, no gap.
@@ -31,10 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset, get_worker_info
 
-from feedsr.data.block import SequenceBlock, session_shuffle
+from feedsr.data.block import DEFAULT_SESSION_GAP_S, SequenceBlock, session_shuffle
 from feedsr.data.schema import (
     CATEGORICAL_PREFIX,
     CONTEXT_PREFIX,
+    ID_COLUMNS,
     PER_IMPRESSION_COLUMNS,
     TRUE_PROB_PREFIX,
     UNKNOWN_POSITION,
@@ -42,8 +46,6 @@ from feedsr.data.schema import (
     check_schema,
     file_action_names,
 )
-
-ID_COLUMNS = ("item_ids", "author_ids")
 
 
 @dataclass(frozen=True)
@@ -208,11 +210,8 @@ def validate_block(
     checks += [(f"column '{TRUE_PROB_PREFIX}{a}' has a value outside [0, 1]",
                 ~((v[TRUE_PROB_PREFIX + a] >= 0) & (v[TRUE_PROB_PREFIX + a] <= 1)))
                for a in spec.true_probs]
-    ts = v["timestamps"]
-    backwards = np.zeros(len(ts), dtype=bool)
-    backwards[1:] = np.diff(ts) < 0
-    backwards[block.offsets[:-1]] = False  # a new row may start earlier than the last one ended
-    checks.append(("column 'timestamps' decreases (impressions must be oldest first)", backwards))
+    checks.append(("column 'timestamps' decreases (impressions must be oldest first)",
+                   block.time_goes_back()))
     for message, bad_elems in checks:
         if bad_elems.any():
             raise DataError(f"{where(_row_of(block, bad_elems))}: {message}")
@@ -225,15 +224,34 @@ def validate_block(
 
 @dataclass(frozen=True)
 class Unit:
+    """Rows [first_row, first_row + num_rows) of one row group."""
+
     file: int
     row_group: int
     num_rows: int
+    first_row: int = 0
 
 
-def epoch_units(files: list[FileInfo], seed: int, epoch: int, shuffle: bool) -> list[Unit]:
-    units = [
-        Unit(f, g, n) for f, info in enumerate(files) for g, n in enumerate(info.row_group_rows)
-    ]
+def file_units(files: list[FileInfo]) -> list[Unit]:
+    """Every row group, in file / row-group order."""
+    return [Unit(f, g, n) for f, info in enumerate(files) for g, n in enumerate(info.row_group_rows)]
+
+
+def split_holdout(units: list[Unit], holdout_rows: int) -> tuple[list[Unit], list[Unit]]:
+    """(the first ``holdout_rows`` rows of ``units``, the others); a row group on the edge is cut."""
+    held, rest, left = [], [], holdout_rows
+    for u in units:
+        take = min(left, u.num_rows)
+        if take:
+            held.append(Unit(u.file, u.row_group, take, u.first_row))
+        if take < u.num_rows:
+            rest.append(Unit(u.file, u.row_group, u.num_rows - take, u.first_row + take))
+        left -= take
+    return held, rest
+
+
+def epoch_units(units: list[Unit], seed: int, epoch: int, shuffle: bool) -> list[Unit]:
+    """The units in this epoch's order: shuffled by (seed, epoch), or as given."""
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(len(units))
         units = [units[i] for i in order]
@@ -314,10 +332,12 @@ class ReaderConfig:
     # shuffling; without shuffle (evaluation), windows of shuffle_buffer rows sorted by length
     max_seq_len: int = 256
     session_shuffle: bool = False
-    session_gap_s: int = 1800
+    session_gap_s: int = DEFAULT_SESSION_GAP_S
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
+    holdout_rows: int = 0  # the split's first rows (file order), never read for training
+    holdout: bool = False  # read only those rows instead
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -328,6 +348,10 @@ class ReaderConfig:
             raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.holdout_rows < 0:
+            raise ValueError(f"holdout_rows must be >= 0, got {self.holdout_rows}")
+        if self.holdout and self.holdout_rows < 1:
+            raise ValueError(f"holdout=True needs holdout_rows >= 1, got {self.holdout_rows}")
 
 
 class SequenceReader(IterableDataset):
@@ -356,7 +380,8 @@ class SequenceReader(IterableDataset):
     ):
         self.files, self.spec, self.config = files, spec, config
         self.collate = collate
-        self.total_rows = sum(f.num_rows for f in files)
+        self.units = reader_units(files, config)
+        self.total_rows = sum(u.num_rows for u in self.units)
         self.plan = rank_plan(
             self.total_rows, config.rank, config.world_size, config.batch_size, config.drop_last
         )
@@ -401,13 +426,25 @@ class SequenceReader(IterableDataset):
     def _read_range(self, lo: int, hi: int) -> Iterator[SequenceBlock]:
         """Blocks covering global rows [lo, hi) of this epoch's unit order."""
         cursor = 0
-        for unit in epoch_units(self.files, self.config.seed, self.epoch, self.config.shuffle):
+        for unit in epoch_units(self.units, self.config.seed, self.epoch, self.config.shuffle):
             start, cursor = cursor, cursor + unit.num_rows
             if cursor <= lo or start >= hi:
                 continue
             block = read_block(self.files[unit.file], unit.row_group, self.spec)
-            block = block.slice(max(lo - start, 0), min(hi, cursor) - start)
+            shift = unit.first_row - start  # the epoch's row r is row r + shift of the row group
+            block = block.slice(max(lo, start) + shift, min(hi, cursor) + shift)
             yield block.truncate(self.config.max_seq_len)
+
+
+def reader_units(files: list[FileInfo], config: ReaderConfig) -> list[Unit]:
+    """The row ranges a reader reads: the holdout, or everything else."""
+    held, rest = split_holdout(file_units(files), config.holdout_rows)
+    if config.holdout:
+        return held  # all of the split when it is no longer than holdout_rows (a validation cap)
+    if not rest:
+        total = sum(f.num_rows for f in files)
+        raise DataError(f"holdout_rows={config.holdout_rows} leaves no rows of the split's {total}")
+    return rest
 
 
 def _shuffle_buffer(
@@ -418,18 +455,18 @@ def _shuffle_buffer(
     With ``bucket`` > 0 (the batch size), each emitted chunk is a whole number of batches whose
     rows have similar lengths: the chunk is sorted by length, cut into batches, and the batches
     are put in random order. Real histories are very skewed, so random batches are mostly
-    padding; bucketed ones waste little.
+    padding; bucketed ones waste little. A buffer smaller than a batch fills up to one batch.
     """
     pending, n = [], 0
     for block in blocks:
         pending.append(block)
         n += len(block)
-        if n >= size:
+        emit = n - size // 2 if n >= size else 0
+        if bucket:
+            emit -= emit % bucket  # whole batches only: none yet means reading on
+        if emit:
             merged = SequenceBlock.concat(pending)
             perm = rng.permutation(n)
-            emit = n - size // 2
-            if bucket:
-                emit -= emit % bucket
             yield _bucketed(merged.take(perm[:emit]), bucket, rng) if bucket else merged.take(perm[:emit])
             pending, n = [merged.take(perm[emit:])], n - emit
     if n:

@@ -32,6 +32,8 @@ CONTEXT_PREFIX = "ctx_"
 TRUE_PROB_PREFIX = "true_"
 UNKNOWN_POSITION = -1
 MAX_ACTIONS = 62  # action_bits is an int64 bitmask; keep the sign bit clear
+# The id columns that may feed an embedding table (the keys of ``data.id_tables``), in table order.
+ID_COLUMNS = ("item_ids", "author_ids")
 
 
 class DataError(ValueError):

@@ -50,6 +50,17 @@ def build_tasks(task_cfgs: list[dict], action_names: list[str]) -> list[Task]:
     return tasks
 
 
+def encode_actions(multi_hot: np.ndarray) -> np.ndarray:
+    """(n, M) 0/1 (or bool) per action -> (n,) int64 ``action_bits``: bit i = action i."""
+    multi_hot = np.asarray(multi_hot)
+    return ((multi_hot != 0).astype(np.int64) << np.arange(multi_hot.shape[1], dtype=np.int64)).sum(axis=1)
+
+
+def decode_actions(action_bits: np.ndarray, num_actions: int) -> np.ndarray:
+    """(n,) int ``action_bits`` -> (n, num_actions) bool multi-hot: the inverse of ``encode_actions``."""
+    return ((np.asarray(action_bits)[:, None] >> np.arange(num_actions)) & 1).astype(bool)
+
+
 def task_bitmasks(tasks: list[Task], action_names: list[str]) -> np.ndarray:
     """(num_tasks,) int64: the bitmask of each task's actions."""
     index = {a: i for i, a in enumerate(action_names)}

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from feedsr.model.heads import HeadConfig
+from feedsr.model.heads import HeadConfig, check_widths
+
+if TYPE_CHECKING:
+    from feedsr.data.config import DataConfig
 
 
 @dataclass
@@ -13,13 +18,21 @@ class PositionBiasConfig:
     num_positions: int = 60  # the paper's K
     score_position: int | None = 5  # fixed position used when scoring (the paper: 5); null: logged
 
+    def __post_init__(self):
+        if self.num_positions < 1:
+            raise ValueError(f"model.position_bias.num_positions must be >= 1, got {self.num_positions}")
+        if self.score_position is not None and not 0 <= self.score_position < self.num_positions:
+            raise ValueError(f"model.position_bias.score_position must be in [0, {self.num_positions}) "
+                             f"or null, got {self.score_position}")
+
 
 @dataclass
 class ModelConfig:
     """Feed-SR (``name: feedsr``) or the pointwise DCNv2 baseline (``name: dcnv2``).
 
     ``d_model: null`` means no input projection: the model width is the concatenated post feature
-    width (the paper's choice); an integer adds a linear projection to that width.
+    width (the paper's choice); an integer adds a linear projection to that width. Sessions (for
+    ``session_mask``) come with the batch, cut by ``data.session_gap_s``.
     """
 
     name: str = "feedsr"
@@ -37,7 +50,6 @@ class ModelConfig:
     rope_time_unit_s: float = 3600.0
     late_fusion: bool = True  # False: context features go into the post tokens instead
     session_mask: bool = False  # hide same-session tokens (alternative to in-session shuffle)
-    session_gap_s: int = 1800
     use_history: bool = True  # False: each impression sees only itself (ablation)
     head: HeadConfig = field(default_factory=HeadConfig)
     position_bias: PositionBiasConfig = field(default_factory=PositionBiasConfig)
@@ -54,17 +66,53 @@ class ModelConfig:
         for name in ("embedding_dim", "num_layers", "num_heads", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model is not None and self.d_model < 1:
+            raise ValueError(f"model.d_model must be >= 1 or null, got {self.d_model}")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ValueError(f"model dropouts must be in [0, 1), got {self.dropout}, {self.attn_dropout}")
+        self._check_scales()
+        if self.dcn_cross_layers < 0:
+            raise ValueError(f"model.dcn_cross_layers must be >= 0, got {self.dcn_cross_layers}")
+        check_widths("model.dcn_deep_dims", self.dcn_deep_dims)
+
+    def _check_scales(self) -> None:
+        # Written as `not lo <= x < inf`: NaN fails every comparison, so it is rejected too.
+        if not 0 <= self.residual_init < math.inf:
+            raise ValueError(f"model.residual_init must be >= 0, got {self.residual_init}")
+        if not 1 < self.rope_base < math.inf:  # base <= 1: frequencies base**(-i/n) do not fall
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+        if not 0 < self.rope_time_unit_s < math.inf:
+            raise ValueError(f"model.rope_time_unit_s must be > 0, got {self.rope_time_unit_s}")
         if self.rope_time and self.position_encoding != "rope":
             raise ValueError("model.rope_time needs model.position_encoding=rope")
 
-    def check_width(self, width: int) -> None:
-        """Validate heads against the actual model width (known once the features are)."""
-        if width % self.num_heads:
-            raise ValueError(
-                f"model width {width} is not divisible by model.num_heads={self.num_heads} "
-                "(set model.d_model to add a projection, or change embedding_dim/num_heads)"
-            )
-        if self.position_encoding == "rope" and (width // self.num_heads) % 2:
-            raise ValueError(f"RoPE needs an even head dimension, got {width // self.num_heads}")
+
+def model_width(cfg: ModelConfig, num_id_features: int, context_dim: int) -> int:
+    """The transformer's width: ``d_model``, or else the post token's, one embedding per id
+    feature (ids and categoricals) plus the context features when they are not late-fused."""
+    if cfg.d_model is not None:
+        return cfg.d_model
+    return cfg.embedding_dim * num_id_features + (0 if cfg.late_fusion else context_dim)
+
+
+def check_width(cfg: ModelConfig, width: int) -> None:
+    """The attention heads must split ``width`` evenly, into halves RoPE can rotate in pairs."""
+    if width % cfg.num_heads:
+        raise ValueError(
+            f"model width {width} is not divisible by model.num_heads={cfg.num_heads} "
+            "(set model.d_model to add a projection, or change embedding_dim/num_heads)"
+        )
+    head_dim, split = width // cfg.num_heads, f"model width {width} / model.num_heads={cfg.num_heads}"
+    if cfg.position_encoding == "rope" and head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dimension: {split} = {head_dim}")
+    if cfg.rope_time and head_dim < 4:  # one pair turns with position, at least one with time
+        raise ValueError(f"model.rope_time needs a head dimension >= 4: {split} = {head_dim}")
+
+
+def check_model_config(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+    """What the model config must satisfy given the data config, checked from the two configs
+    alone (before any data is generated or read): the width against the attention heads."""
+    if model_cfg.name != "feedsr":  # the DCNv2 baseline has no attention
+        return
+    num_id_features = len(data_cfg.id_tables) + len(data_cfg.categorical)
+    check_width(model_cfg, model_width(model_cfg, num_id_features, len(data_cfg.context)))

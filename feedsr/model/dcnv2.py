@@ -13,7 +13,7 @@ from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
 from feedsr.model.config import ModelConfig
-from feedsr.model.embeddings import PositionBias, PostEmbedding
+from feedsr.model.embeddings import PostEmbedding, build_position_bias
 from feedsr.model.heads import CrossNetwork, build_head, mlp
 
 
@@ -41,10 +41,7 @@ class DCNv2Ranker(nn.Module):
         self.cross = CrossNetwork(in_dim, cfg.dcn_cross_layers)
         self.deep, deep_width = mlp(in_dim, cfg.dcn_deep_dims, cfg.dropout)
         self.head = build_head(cfg.head, in_dim + deep_width, task_groups)
-        pb = cfg.position_bias
-        self.position_bias = (
-            PositionBias(pb.num_positions, len(task_groups), pb.score_position) if pb.enabled else None
-        )
+        self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N, K) task logits for every impression of the batch."""

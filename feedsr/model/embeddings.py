@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from feedsr.model.config import PositionBiasConfig
+
 
 def table_name(feature: str) -> str:
     return f"table_{feature}"
@@ -57,13 +59,11 @@ class PositionBias(nn.Module):
     candidate (the paper: 5), which keeps predictions calibrated for a slot near the top; with
     ``score_position=None`` scoring uses the logged position too (offline evaluation against
     logged labels, e.g. next to an oracle that knows the position). Unknown and deeper positions
-    share one extra learned row.
+    share one extra learned row. ``PositionBiasConfig`` checks the arguments.
     """
 
     def __init__(self, num_positions: int, num_tasks: int, score_position: int | None):
         super().__init__()
-        if score_position is not None and not 0 <= score_position < num_positions:
-            raise ValueError(f"score_position {score_position} outside [0, {num_positions})")
         self.num_positions, self.score_position = num_positions, score_position
         self.offsets = nn.Embedding(num_positions + 1, num_tasks)
         nn.init.zeros_(self.offsets.weight)
@@ -74,3 +74,8 @@ class PositionBias(nn.Module):
             positions = torch.full_like(positions, self.score_position)
         known = (positions >= 0) & (positions < self.num_positions)
         return self.offsets(torch.where(known, positions, self.num_positions))
+
+
+def build_position_bias(cfg: PositionBiasConfig, num_tasks: int) -> PositionBias | None:
+    """The model's position bias, or None when disabled."""
+    return PositionBias(cfg.num_positions, num_tasks, cfg.score_position) if cfg.enabled else None

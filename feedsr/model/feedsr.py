@@ -12,21 +12,13 @@ import torch
 from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
-from feedsr.model.config import ModelConfig
-from feedsr.model.embeddings import PositionBias, PostEmbedding
+from feedsr.model.config import ModelConfig, check_width, model_width
+from feedsr.model.embeddings import PostEmbedding, build_position_bias
 from feedsr.model.heads import build_head
 from feedsr.model.rope import rope_angles
 from feedsr.model.transformer import Transformer, interleaved_mask
 
 FAR_FUTURE_SESSION = 2**40  # session id of padding: never "earlier" than a real session
-
-
-def session_ids(timestamps: torch.Tensor, mask: torch.Tensor, gap_s: int) -> torch.Tensor:
-    """(B, T) padded timestamps -> (B, T) session index per row (new session after a gap)."""
-    new = torch.zeros_like(mask)
-    new[:, 1:] = (timestamps[:, 1:] - timestamps[:, :-1]) > gap_s
-    sessions = torch.cumsum(new.long(), dim=1)
-    return torch.where(mask, sessions, FAR_FUTURE_SESSION)
 
 
 class FeedSR(nn.Module):
@@ -46,9 +38,9 @@ class FeedSR(nn.Module):
         self.cfg = cfg
         token_context = 0 if cfg.late_fusion else context_dim
         self.posts = PostEmbedding(tables, cfg.embedding_dim, token_context, device)
-        width = cfg.d_model or self.posts.out_dim
-        cfg.check_width(width)
-        self.input_proj = nn.Linear(self.posts.out_dim, width) if cfg.d_model else nn.Identity()
+        width = model_width(cfg, len(tables), context_dim)
+        check_width(cfg, width)
+        self.input_proj = nn.Linear(self.posts.out_dim, width) if cfg.d_model is not None else nn.Identity()
         self.action_proj = nn.Linear(num_actions, width)
         self.abs_positions = None
         if cfg.position_encoding == "learned":
@@ -60,10 +52,7 @@ class FeedSR(nn.Module):
                                        cfg.attn_dropout, cfg.residual_init)
         head_in = width + (context_dim if cfg.late_fusion else 0)
         self.head = build_head(cfg.head, head_in, task_groups)
-        pb = cfg.position_bias
-        self.position_bias = (
-            PositionBias(pb.num_positions, len(task_groups), pb.score_position) if pb.enabled else None
-        )
+        self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))
 
     def tokens(self, batch: Batch, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved (B, 2T, D) tokens and the (B, T) mask of real impressions."""
@@ -92,9 +81,8 @@ class FeedSR(nn.Module):
     def attention_mask(self, batch: Batch, max_len: int) -> torch.Tensor | None:
         """(B, 1, 2T, 2T) mask over the interleaved tokens (session / no-history variants); None = causal."""
         sessions = None
-        if self.cfg.session_mask:
-            ts, mask = pad_jagged(batch.timestamps, batch.lengths, max_len)
-            sessions = session_ids(ts, mask, self.cfg.session_gap_s)
+        if self.cfg.session_mask:  # from the batch: taken before the in-session shuffle
+            sessions, _ = pad_jagged(batch.session_ids, batch.lengths, max_len, FAR_FUTURE_SESSION)
         return interleaved_mask(batch.lengths, max_len, sessions, self.cfg.use_history)
 
     def encode(self, batch: Batch) -> torch.Tensor:

@@ -31,8 +31,18 @@ class HeadConfig:
             raise ValueError(f"model.head.type must be mmoe, mlp, linear or dcnv2, got '{self.type}'")
         if self.num_experts < 1:
             raise ValueError(f"model.head.num_experts must be >= 1, got {self.num_experts}")
+        if self.cross_layers < 0:
+            raise ValueError(f"model.head.cross_layers must be >= 0, got {self.cross_layers}")
+        for name in ("hidden_dims", "expert_dims", "tower_dims"):
+            check_widths(f"model.head.{name}", getattr(self, name))
         if not 0 <= self.gate_dropout < 1 or not 0 <= self.dropout < 1:
             raise ValueError(f"head dropouts must be in [0, 1), got {self.gate_dropout}, {self.dropout}")
+
+
+def check_widths(key: str, dims: list[int]) -> None:
+    """Layer widths of an MLP (an empty list is no layer)."""
+    if any(d < 1 for d in dims):
+        raise ValueError(f"{key} must hold widths >= 1, got {list(dims)}")
 
 
 def mlp(in_dim: int, dims: list[int], dropout: float = 0.0) -> tuple[nn.Sequential, int]:

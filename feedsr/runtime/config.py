@@ -13,7 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from feedsr.data.config import DataConfig, tasks_of
-from feedsr.model.config import ModelConfig
+from feedsr.model.config import ModelConfig, check_model_config
 
 
 def require(ok: bool, key: str, value, rule: str) -> None:
@@ -212,6 +212,7 @@ class Config:
 
     def __post_init__(self):
         """Constraints across groups, checked before any data is generated or read."""
+        check_model_config(self.model, self.data)
         tasks = [t.name for t in tasks_of(self.data)]
         require(self.loss.ipw_reference_task < len(tasks), "loss.ipw_reference_task",
                 self.loss.ipw_reference_task, f"the index of a task in data.tasks {tasks}")

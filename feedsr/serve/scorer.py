@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from feedsr.data.batch import Batch, BatchSpec, collate, pad_jagged
-from feedsr.data.block import SequenceBlock
-from feedsr.model.feedsr import FeedSR, session_ids
+from feedsr.data.block import SequenceBlock, session_ids
+from feedsr.model.feedsr import FAR_FUTURE_SESSION, FeedSR
 from feedsr.serve import attention
 from feedsr.serve.candidates import Candidates, appended
 
@@ -143,6 +143,9 @@ class CandidateScorer:
         if (history.lengths < 1).any():
             raise ValueError(f"every member needs a history of >= 1 impression, got lengths "
                              f"{history.lengths}")
+        if history.time_goes_back().any():  # sessions and the candidates' place follow the time order
+            raise ValueError("histories must be oldest first (timestamps non-decreasing within a member), "
+                             "as stored; not session-shuffled")
         abs_positions = self.model.abs_positions
         if abs_positions is not None and history.lengths.max() >= abs_positions.num_embeddings:
             raise ValueError(f"history length {history.lengths.max()} leaves no learned position for the "
@@ -166,12 +169,13 @@ class CandidateScorer:
     def _placement(self, history: Batch, request_times: torch.Tensor) -> Placement:
         """Place the candidates as impression L_b of [history_b, candidate] at the request time.
 
-        The model's own ``rotary`` and ``session_ids`` run on that extended timeline, so the time
-        origin (first history impression) and session gaps are the model's.
+        The model's own ``rotary`` and the data's ``session_ids`` (with the spec's gap) run on that
+        extended timeline, so the time origin (first history impression) and the sessions are the
+        ones training used.
         """
         index = history.lengths
         timeline = _extended_timeline(history, request_times)
-        ts, mask = pad_jagged(timeline.timestamps, timeline.lengths, int(timeline.lengths.max()))
+        _, mask = pad_jagged(timeline.timestamps, timeline.lengths, int(timeline.lengths.max()))
         angles = self.model.rotary(timeline, mask)  # (B or 1, 2(T+1), Dh/2)
         if angles is not None:
             angles = angles.expand(len(index), -1, -1)[torch.arange(len(index)), 2 * index]  # candidate's X
@@ -179,12 +183,19 @@ class CandidateScorer:
         if not cfg.use_history:
             visible = torch.zeros_like(index)
         elif cfg.session_mask:  # a candidate sees the sessions before its own (a prefix)
-            sessions = session_ids(ts, mask, cfg.session_gap_s)  # (B, T+1)
-            current = sessions.gather(1, index[:, None])
-            visible = 2 * ((sessions < current) & mask).sum(1)
+            visible = 2 * self._earlier_sessions(history, timeline)
         else:
             visible = 2 * index
         return Placement(index, angles, visible)
+
+    def _earlier_sessions(self, history: Batch, timeline: Batch) -> torch.Tensor:
+        """(B,) history impressions in sessions before the candidates' own, with the session ids
+        the history's mask uses; the candidates' session follows from the request time."""
+        sessions = session_ids(timeline.timestamps.numpy(), timeline.lengths.numpy(), self.spec.session_gap_s)
+        current = torch.from_numpy(sessions)[torch.cumsum(timeline.lengths, 0) - 1]  # (B,) appended ones
+        max_len = int(history.lengths.max())
+        past, _ = pad_jagged(history.session_ids, history.lengths, max_len, FAR_FUTURE_SESSION)  # (B, T)
+        return (past < current[:, None]).sum(1)
 
     def _candidate_tokens(self, candidates: Batch, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, N, D) candidate post tokens and their (B, N) mask."""

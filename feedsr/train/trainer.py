@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from feedsr.data.batch import Collator
-from feedsr.data.config import batch_spec, build_loader, ensure_dataset, tasks_of
+from feedsr.data.config import batch_spec, build_loader, collision_report, ensure_dataset, tasks_of
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
@@ -123,6 +123,8 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.num_threads or default_threads(ctx))
         self.meta = self._dataset_meta()
         self.spec = batch_spec(cfg.data, self.meta)
+        for line in collision_report(cfg.data, self.meta):
+            self._log(f"id collisions: {line}")
         self.tasks = tasks_of(cfg.data)
         self.select_tasks = list(cfg.trainer.select_tasks) or [t.name for t in self.tasks]
         self.best: dict | None = None
