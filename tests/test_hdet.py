@@ -369,3 +369,28 @@ def test_converge_under_nccl_on_one_gpu(tmp_path):
         assert all(torch.equal(a, b) and a.is_cuda for a, b in zip(params, before))  # mean of one
     finally:
         dist.destroy_process_group()
+
+
+def test_clean_batch_is_a_training_holdout_never_trained_on(synthetic_dir, tmp_path):
+    """HDET's clean loss used the first rows of the valid split, which also picks checkpoints; it
+    now scores the training split's first clean_batch_rows rows, which training never reads."""
+    import pyarrow.parquet as pq
+
+    from feedsr.runtime.config import to_config
+    from feedsr.runtime.distributed import distributed
+    from feedsr.train.trainer import Trainer
+
+    rows = 40
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "holdout") + [
+        "trainer=hdet", "trainer.max_steps=2", f"trainer.hdet.clean_batch_rows={rows}",
+        "trainer.hdet.scalars=[{name: dropout, alpha: 0.5}]", "data.session_shuffle=false"]
+    first = sorted((synthetic_dir / "train").glob("*.parquet"))[0]
+    head = pq.read_table(first, columns=["member_id", "timestamps"]).slice(0, rows)
+    expected = sorted(zip(head["member_id"].to_pylist(), (t[-1] for t in head["timestamps"].to_pylist())))
+    key = lambda b: sorted(zip(b.member_ids.tolist(), (b.timestamps[o - 1].item() for o in b.offsets[1:])))  # noqa: E731
+    with distributed("cpu") as ctx:
+        trainer = Trainer(to_config(compose(overrides)), ctx)
+        assert key(trainer.clean_batch) == expected  # exactly those rows, from the training split
+        trained = [k for batch in trainer.train_loader for k in key(batch)]
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in (synthetic_dir / "train").glob("*.parquet"))
+    assert len(trained) == total - rows and not set(expected) & set(trained)

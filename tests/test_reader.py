@@ -185,11 +185,11 @@ HOLDOUT = 23  # the first 23 rows of the split: crosses three 7-row row groups i
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_holdout_rows_are_never_trained_on(uneven_split, world_size, num_workers):
+def test_head_rows_are_never_trained_on(uneven_split, world_size, num_workers):
     kw = dict(batch_size=16, shuffle=True, shuffle_buffer=40, seed=3, length_bucketing=True,
-              holdout_rows=HOLDOUT)
+              head_rows=HOLDOUT)
     train, counts = every_rank(uneven_split, world_size, num_workers, **kw)
-    held, held_counts = every_rank(uneven_split, world_size, num_workers, holdout=True, **kw)
+    held, held_counts = every_rank(uneven_split, world_size, num_workers, only_head=True, **kw)
     assert len(counts) == len(held_counts) == 1, f"ranks got different batch counts: {counts}, {held_counts}"
     # conftest's member ids count rows in file / row-group order: the holdout is members 0..22
     assert sorted(held) == list(range(HOLDOUT))
@@ -199,7 +199,7 @@ def test_holdout_rows_are_never_trained_on(uneven_split, world_size, num_workers
 def test_holdout_is_deterministic_across_seeds_and_epochs(uneven_split):
     def holdout(seed, epoch):
         batches, _ = epoch_batches(uneven_split, 1, 0, 0, epoch=epoch, seed=seed, batch_size=64,
-                                   holdout_rows=HOLDOUT, holdout=True)
+                                   head_rows=HOLDOUT, only_head=True)
         return member_ids(batches), np.concatenate([b.values["item_ids"] for b in batches])
 
     ids, items = holdout(0, 0)
@@ -222,19 +222,19 @@ def test_build_loader_threads_the_holdout(uneven_split):
         loader = build_loader(cfg, spec, "train", train=True, **holdout)
         return sorted(int(m) for batch in loader for m in batch.member_ids)
 
-    assert members(holdout_rows=HOLDOUT, holdout=True) == list(range(HOLDOUT))
-    assert members(holdout_rows=HOLDOUT) == list(range(HOLDOUT, 203))
+    assert members(head_rows=HOLDOUT, only_head=True) == list(range(HOLDOUT))
+    assert members(head_rows=HOLDOUT) == list(range(HOLDOUT, 203))
     assert members() == list(range(203))
 
 
 def test_bad_holdout_is_rejected(uneven_split):
-    with pytest.raises(ValueError, match="holdout_rows must be >= 0, got -1"):
-        ReaderConfig(batch_size=8, holdout_rows=-1)
-    with pytest.raises(ValueError, match="holdout=True needs holdout_rows >= 1"):
-        ReaderConfig(batch_size=8, holdout=True)
-    with pytest.raises(DataError, match="holdout_rows=203 leaves no rows of the split's 203"):
-        epoch_batches(uneven_split, 1, 0, 0, batch_size=8, holdout_rows=203)
+    with pytest.raises(ValueError, match="head_rows must be >= 0, got -1"):
+        ReaderConfig(batch_size=8, head_rows=-1)
+    with pytest.raises(ValueError, match="only_head=True needs head_rows >= 1"):
+        ReaderConfig(batch_size=8, only_head=True)
+    with pytest.raises(DataError, match="head_rows=203 leaves no rows of the split's 203"):
+        epoch_batches(uneven_split, 1, 0, 0, batch_size=8, head_rows=203)
     # reading the first N rows of a shorter split (a validation cap) reads all of it
-    batches, _ = epoch_batches(uneven_split, 2, 1, 0, batch_size=8, holdout_rows=500, holdout=True)
+    batches, _ = epoch_batches(uneven_split, 2, 1, 0, batch_size=8, head_rows=500, only_head=True)
     everything, _ = epoch_batches(uneven_split, 2, 1, 0, batch_size=8)
     assert member_ids(batches) == member_ids(everything)

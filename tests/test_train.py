@@ -176,7 +176,7 @@ def test_non_finite_loss_stops_before_the_update(synthetic_dir, tmp_path):
     assert latest_checkpoint(tmp_path / "nan").name == f"step-{failed - 1}"
     # step by step: the failing step leaves every parameter, tables included, as it found it
     with distributed("cpu") as ctx:
-        trainer = Trainer(to_config(compose(overrides[:1] + overrides[1:] + ["run_id=nan2"])), ctx)
+        trainer = Trainer(to_config(compose(overrides + ["run_id=nan2"])), ctx)
         batches = trainer.batches()
         with pytest.raises(NonFiniteLossError):
             for _ in range(50):
@@ -265,9 +265,9 @@ def test_resume_truncates_logs_and_reuses_propensities(synthetic_dir, tmp_path):
     with open(run_dir / "train_log.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 0.')  # a line torn by the kill
     # a marked file: resuming must use the run's propensities, not re-estimate them
-    props = json.loads((run_dir / "propensities.json").read_text())
-    props[3] = 0.123
-    (run_dir / "propensities.json").write_text(json.dumps(props))
+    saved = json.loads((run_dir / "propensities.json").read_text())
+    saved["propensities"][3] = 0.123
+    (run_dir / "propensities.json").write_text(json.dumps(saved))
     result = run(compose(overrides))
     assert result.step == 8 and len(result.losses) == 4
     assert _steps(run_dir / "train_log.jsonl") == list(range(1, 9))
@@ -276,13 +276,19 @@ def test_resume_truncates_logs_and_reuses_propensities(synthetic_dir, tmp_path):
         trainer = Trainer(to_config(compose(overrides + ["trainer.max_steps=9",
                                                          "trainer.allow_config_change=true"])), ctx)
         assert trainer.loss_fn.propensities[3].item() == pytest.approx(0.123)
+    # estimated another way (allowed change of the reference task): estimated anew
+    with distributed("cpu") as ctx:
+        trainer = Trainer(to_config(compose(overrides + ["loss.ipw_reference_task=1",
+                                                         "trainer.allow_config_change=true"])), ctx)
+        assert trainer.loss_fn.propensities[3].item() != pytest.approx(0.123)
 
 
 def test_resume_refuses_a_config_that_changes_what_is_learned(synthetic_dir, tmp_path):
     overrides = tiny_overrides(synthetic_dir, tmp_path, "cfg") + ["trainer.max_steps=3"]
     run(compose(overrides))
-    changed = overrides + ["optimizer.lr=0.05", "data.batch_size=16", "trainer.val_every=1"]
-    with pytest.raises(ConfigError, match=r"data.batch_size: 32 -> 16; optimizer.lr: 0.002 -> 0.05\. "
+    changed = overrides + ["optimizer.lr=0.05", "data.batch_size=16", "data.num_workers=1", "trainer.val_every=1"]
+    with pytest.raises(ConfigError, match=r"data.batch_size: 32 -> 16; data.num_workers: 0 -> 1; "
+                                          r"optimizer.lr: 0.002 -> 0.05\. "
                                           r"Use another run_id, or trainer.allow_config_change=true"):
         run(compose(changed))
     # logging and evaluation settings may change; the explicit override accepts the rest
@@ -327,4 +333,38 @@ def test_bad_width_is_found_before_data_is_generated(tmp_path):
     data = tmp_path / "synthetic"
     with pytest.raises(ConfigError, match=r"model width 48 is not divisible by model.num_heads=5"):
         run(compose([f"data.path={data}", "model.num_heads=5", f"output_root={tmp_path}"]))
+    assert not data.exists()
+
+
+def test_resume_refuses_tables_that_no_longer_fit(synthetic_dir, tmp_path):
+    """Table sizes left null follow dataset.json: a dataset re-made with other vocabularies must
+    not be resumed onto the old tables (it failed deep inside the checkpoint loader, or remapped)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    overrides = tiny_overrides(data, tmp_path, "vocab") + ["trainer.max_steps=2", "data.id_tables.author_ids=null"]
+    run(compose(overrides))
+    recorded = json.loads((tmp_path / "vocab" / "table_sizes.json").read_text())
+    assert recorded["author_ids"] == meta["vocab_sizes"]["author_ids"]
+    meta["vocab_sizes"]["author_ids"] += 5  # as if re-made from another log
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"author_ids: {recorded['author_ids']} -> {recorded['author_ids'] + 5}"):
+        run(compose(overrides))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.init_from=/no/such/run/checkpoints/step-5", "/no/such/run/checkpoints/step-5: no such checkpoint"),
+    ("trainer.device=cuda", "trainer.device=cuda but CUDA is not available"),
+])
+def test_run_time_user_errors_are_one_line(tmp_path, override, message):
+    if override == "trainer.device=cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    data = tmp_path / "never_made"
+    out = subprocess.run([sys.executable, "-m", "feedsr.train", override, f"data.path={data}",
+                          f"output_root={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode != 0
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("feedsr: ") and message in line
     assert not data.exists()

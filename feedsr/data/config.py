@@ -180,13 +180,13 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    holdout_rows: int = 0,
-    holdout: bool = False,
+    head_rows: int = 0,
+    only_head: bool = False,
 ) -> DataLoader:
     """A DataLoader over one split for one rank. Training shuffles; evaluation keeps file order.
 
-    ``holdout_rows``: the split's first rows (file / row-group order) are left out; with
-    ``holdout=True`` the loader reads only them (HDET's clean batch, from the training split).
+    ``head_rows``: the split's first rows (file / row-group order) are left out; with
+    ``only_head=True`` the loader reads only them (a validation cap in global rows).
     """
     files = open_files(split_files(cfg.path, split), spec.read)
     reader_cfg = ReaderConfig(
@@ -201,8 +201,8 @@ def build_loader(
         drop_last=train and cfg.drop_last,
         rank=rank,
         world_size=world_size,
-        holdout_rows=holdout_rows,
-        holdout=holdout,
+        head_rows=head_rows,
+        only_head=only_head,
     )
     reader = SequenceReader(files, spec.read, reader_cfg, collate=Collator(spec))
     # Its own generator: each new iterator draws a worker base seed, which must not advance the

@@ -63,7 +63,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from feedsr.data.pit import counts_before
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, ID_COLUMNS, UNKNOWN_POSITION
 from feedsr.data.sequences import DATASET_META, Split, check_log, write_dataset_meta, write_split
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, apply_vocab, build_vocab, vocab_size, write_vocabs
@@ -404,7 +404,7 @@ def first_members(log: dict[str, np.ndarray], count: int) -> dict[str, np.ndarra
 
 def id_columns(log: dict[str, np.ndarray]) -> list[str]:
     """The columns that get a dense vocabulary: item and author ids, every categorical."""
-    return ["item_ids", "author_ids"] + [c for c in log if c.startswith(CATEGORICAL_PREFIX)]
+    return list(ID_COLUMNS) + [c for c in log if c.startswith(CATEGORICAL_PREFIX)]
 
 
 def build_vocabs(parts: list[dict[str, np.ndarray]], end_second: int) -> dict[str, np.ndarray]:

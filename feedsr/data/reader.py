@@ -3,8 +3,9 @@
 How an epoch is cut (all of it is arithmetic on row-group sizes from the files' footers, so every
 rank and worker computes the same plan without talking to the others):
 
-0. With ``holdout_rows`` = H, the split's first H rows in file / row-group order are set aside
-   (HDET's clean batch): a training reader never reads them, a ``holdout`` reader reads only them.
+0. With ``head_rows`` = H, the split's first H rows in file / row-group order are set aside: a
+   reader skips them (training around HDET's held-out clean batch), or with ``only_head`` reads
+   them alone (that clean batch; a validation cap that is the same rows for any world size).
    Either way the rows it reads are cut as below.
 1. The row groups of all files ("units") are put in an order: shuffled by (seed, epoch) for
    training, file/row-group order otherwise. Concatenated, they form one global row sequence.
@@ -237,9 +238,9 @@ def file_units(files: list[FileInfo]) -> list[Unit]:
     return [Unit(f, g, n) for f, info in enumerate(files) for g, n in enumerate(info.row_group_rows)]
 
 
-def split_holdout(units: list[Unit], holdout_rows: int) -> tuple[list[Unit], list[Unit]]:
-    """(the first ``holdout_rows`` rows of ``units``, the others); a row group on the edge is cut."""
-    held, rest, left = [], [], holdout_rows
+def split_head(units: list[Unit], head_rows: int) -> tuple[list[Unit], list[Unit]]:
+    """(the first ``head_rows`` rows of ``units``, the others); a row group on the edge is cut."""
+    held, rest, left = [], [], head_rows
     for u in units:
         take = min(left, u.num_rows)
         if take:
@@ -336,8 +337,8 @@ class ReaderConfig:
     drop_last: bool = False
     rank: int = 0
     world_size: int = 1
-    holdout_rows: int = 0  # the split's first rows (file order), never read for training
-    holdout: bool = False  # read only those rows instead
+    head_rows: int = 0  # the split's first rows (file / row-group order): skipped...
+    only_head: bool = False  # ...or, with only_head, the only rows read
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -348,10 +349,10 @@ class ReaderConfig:
             raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.holdout_rows < 0:
-            raise ValueError(f"holdout_rows must be >= 0, got {self.holdout_rows}")
-        if self.holdout and self.holdout_rows < 1:
-            raise ValueError(f"holdout=True needs holdout_rows >= 1, got {self.holdout_rows}")
+        if self.head_rows < 0:
+            raise ValueError(f"head_rows must be >= 0, got {self.head_rows}")
+        if self.only_head and self.head_rows < 1:
+            raise ValueError(f"only_head=True needs head_rows >= 1, got {self.head_rows}")
 
 
 class SequenceReader(IterableDataset):
@@ -437,13 +438,13 @@ class SequenceReader(IterableDataset):
 
 
 def reader_units(files: list[FileInfo], config: ReaderConfig) -> list[Unit]:
-    """The row ranges a reader reads: the holdout, or everything else."""
-    held, rest = split_holdout(file_units(files), config.holdout_rows)
-    if config.holdout:
-        return held  # all of the split when it is no longer than holdout_rows (a validation cap)
-    if not rest:
+    """The row ranges a reader reads: the split's head, or everything after it."""
+    held, rest = split_head(file_units(files), config.head_rows)
+    if config.only_head:
+        return held  # all of the split when it is no longer than head_rows (a validation cap)
+    if config.head_rows and not rest:
         total = sum(f.num_rows for f in files)
-        raise DataError(f"holdout_rows={config.holdout_rows} leaves no rows of the split's {total}")
+        raise DataError(f"head_rows={config.head_rows} leaves no rows of the split's {total}")
     return rest
 
 

@@ -25,8 +25,8 @@ def evaluate_checkpoint(config: Config, checkpoint: Path, split: str,
         model = build_model(config.model, spec, config.data.max_seq_len, device=torch.device("meta"))
         model = shard_model(model, ctx, config.optimizer.sparse, config.optimizer.sparse_lr)
         load_sharded(checkpoint, model, None)
-        loader = build_loader(config.data, spec, split, train=False, holdout_rows=max_rows or 0,
-                              holdout=max_rows is not None)
+        loader = build_loader(config.data, spec, split, train=False, head_rows=max_rows or 0,
+                              only_head=max_rows is not None)
         autocast = torch.bfloat16 if config.trainer.precision == "bf16" else None
         return evaluate(model, loader, [t.name for t in tasks_of(config.data)], ctx.device,
                         autocast_dtype=autocast)

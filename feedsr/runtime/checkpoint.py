@@ -15,6 +15,7 @@ resharded by DCP, but the data position and RNG streams are per rank). Loading o
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -29,6 +30,11 @@ from feedsr.runtime.collectives import barrier
 from feedsr.runtime.distributed import DistContext
 
 COMPLETE = "COMPLETE"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the path and the reason."""
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -95,6 +101,24 @@ def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_stat
     return path
 
 
+TABLE_SIZES = "table_sizes.json"  # in the run directory: the rows of every embedding table
+
+
+def record_table_sizes(run_dir: Path, sizes: dict[str, int]) -> None:
+    """Write the run's table sizes (config nulls resolved against the dataset's vocabularies)."""
+    (Path(run_dir) / TABLE_SIZES).write_text(json.dumps(sizes, sort_keys=True) + "\n")
+
+
+def table_size_changes(run_dir: Path, sizes: dict[str, int]) -> list[str]:
+    """'feature: recorded -> now' for every table whose size differs from the run's record."""
+    path = Path(run_dir) / TABLE_SIZES
+    if not path.exists():
+        return []
+    recorded = json.loads(path.read_text())
+    return [f"{k}: {recorded.get(k)} -> {sizes.get(k)}" for k in sorted(set(recorded) | set(sizes))
+            if recorded.get(k) != sizes.get(k)]
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return checkpoint_root(run_dir) / f"step-{step}"
 
@@ -113,11 +137,20 @@ def prune(root: Path, keep: int, protect: int | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def check_complete(path: Path) -> None:
+    """CheckpointError naming ``path`` unless it is a complete checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker: an "
+                              "interrupted save, or not a step-N folder)")
+
+
 def load_sharded(path: Path, model, sparse_optimizer) -> None:
     """Load model weights (and the sparse optimizer if given) from a complete checkpoint."""
     path = Path(path)
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    check_complete(path)
     state = sharded_state(model, sparse_optimizer)
     dcp.load(state, checkpoint_id=path / "sharded")
     model.load_state_dict(state["model"])
@@ -129,13 +162,13 @@ def load_rank_state(path: Path, ctx: DistContext) -> dict:
     """This rank's own state (never another rank's: HDET multipliers and RNGs are per rank)."""
     file = Path(path) / f"rank-{ctx.rank}.pt"
     if not file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{file} missing: a checkpoint can only be resumed with the world size it was saved "
             f"with (this run has {ctx.world_size} ranks)"
         )
     state = torch.load(file, weights_only=False)
     if state["world_size"] != ctx.world_size:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was saved by {state['world_size']} ranks, this run has {ctx.world_size}; "
             "resuming needs the same world size (use trainer.init_from to warm-start instead)"
         )

@@ -1,5 +1,10 @@
 """The whole run's config: one dataclass per group, merged over the composed Hydra config.
 
+The data and model configs live next to their code (``feedsr/data``, ``feedsr/model``); the loss,
+optimizer, trainer and HDET configs live here rather than next to ``feedsr/train``, because
+evaluation and serving read a run's config too and must not import the trainer (layers:
+data -> model -> runtime -> eval -> {train, serve}).
+
 Merging the composed YAML into these typed dataclasses is what makes an unknown key or a wrong type
 fail at start, with OmegaConf naming the full key; ``__post_init__`` methods check values.
 """
@@ -40,6 +45,8 @@ class LossConfig:
             raise ValueError(f"loss.ipw_min_propensity must be in (0, 1], got {self.ipw_min_propensity}")
         if self.temporal_half_life_days <= 0:
             raise ValueError(f"loss.temporal_half_life_days must be > 0, got {self.temporal_half_life_days}")
+        require(self.propensities is None or len(self.propensities) >= 1, "loss.propensities",
+                self.propensities, "null or a list with one value per feed position")
         if self.propensities is not None and not all(0 < p <= 1 for p in self.propensities):
             raise ValueError(f"loss.propensities must be in (0, 1], got {self.propensities}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -222,11 +229,14 @@ class Config:
 
 
 # Keys a resumed run may change freely: how it logs, validates, saves and runs, not what it learns.
+# Not among them: data.num_workers (each worker reads its own slice of a rank's rows, so the
+# resumed epoch would skip other rows), trainer.val_max_rows and trainer.select_tasks (best.json's
+# score would compare two different measures).
 RESUMABLE_CHANGES = (
-    "trainer.log_every", "trainer.val_every", "trainer.val_max_rows", "trainer.checkpoint_every",
-    "trainer.keep_checkpoints", "trainer.device", "trainer.num_threads", "trainer.compile",
-    "trainer.progress", "trainer.tensorboard", "trainer.evaluate_test", "trainer.select_tasks",
-    "trainer.allow_config_change", "data.num_workers", "data.eval_batch_size", "output_root", "run_id",
+    "trainer.log_every", "trainer.val_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+    "trainer.device", "trainer.num_threads", "trainer.compile", "trainer.progress",
+    "trainer.tensorboard", "trainer.evaluate_test", "trainer.allow_config_change",
+    "data.eval_batch_size", "output_root", "run_id",
 )
 
 

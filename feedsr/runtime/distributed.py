@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from feedsr.runtime.config import ConfigError
+
 # Long enough for a slow data generation on rank 0; short enough that a rank that died does not
 # hang the others for ever.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=15)
@@ -45,7 +47,7 @@ def free_port() -> int:
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but CUDA is not available")
+        raise ConfigError("invalid config: trainer.device=cuda but CUDA is not available here")
     if preference in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from feedsr.data.schema import DataError
 from feedsr.quiet import quiet_libraries
+from feedsr.runtime.checkpoint import CheckpointError
 from feedsr.runtime.config import CONFIG_DIR, ConfigError
 
 quiet_libraries()
@@ -20,7 +21,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except (ConfigError, DataError) as e:  # a user's mistake: one line naming the key or file
+    except (ConfigError, DataError, CheckpointError) as e:  # a user's mistake: one line naming it
         sys.exit(f"feedsr: {e}")
 
 

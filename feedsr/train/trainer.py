@@ -24,29 +24,31 @@ from tqdm import tqdm
 from feedsr.data.batch import Collator
 from feedsr.data.config import batch_spec, build_loader, collision_report, ensure_dataset, tasks_of
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
+from feedsr.data.tasks import task_bitmasks
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
-from feedsr.runtime.collectives import all_reduce, barrier, broadcast
 from feedsr.runtime.checkpoint import (
+    check_complete,
     checkpoint_path,
     is_complete,
     latest_checkpoint,
     load_rank_state,
     load_sharded,
+    record_table_sizes,
     save_checkpoint,
     set_rng_state,
+    table_size_changes,
 )
+from feedsr.runtime.collectives import all_reduce, barrier, broadcast
 from feedsr.runtime.config import Config, ConfigError, compose_config, config_changes, to_config
 from feedsr.runtime.distributed import DistContext, distributed
-from feedsr.train.loss import MultiTaskLoss, estimate_propensities
-from feedsr.train.hdet import HDET, add_noise, scale_dropout, set_attention_temperature
-from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
-from feedsr.train import runlog
-from feedsr.train.plots import plot_learning_rates
-from feedsr.train.runlog import truncate_run_logs
 from feedsr.runtime.sharding import compile_dense, shard_model
-from feedsr.data.tasks import task_bitmasks
+from feedsr.train import runlog
+from feedsr.train.hdet import HDET, add_noise, scale_dropout, set_attention_temperature
+from feedsr.train.loss import MultiTaskLoss, estimate_propensities
+from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
+from feedsr.train.plots import plot_learning_rates
 
 
 class LogWindow:
@@ -119,10 +121,13 @@ class Trainer:
         self.run_dir = Path(cfg.output_root) / cfg.run_id
         self.resume_from = latest_checkpoint(self.run_dir)
         self._check_resumed_config()
+        if cfg.trainer.init_from and self.resume_from is None:
+            check_complete(Path(cfg.trainer.init_from))  # before any data is generated
         if ctx.device.type == "cpu":
             torch.set_num_threads(cfg.trainer.num_threads or default_threads(ctx))
         self.meta = self._dataset_meta()
         self.spec = batch_spec(cfg.data, self.meta)
+        self._check_table_sizes()
         for line in collision_report(cfg.data, self.meta):
             self._log(f"id collisions: {line}")
         self.tasks = tasks_of(cfg.data)
@@ -145,7 +150,7 @@ class Trainer:
         self.loss_fn.to(ctx.device)
         # HDET's clean loss scores a slice of the training split held out from training: the
         # validation split picks and reports checkpoints, so it must not steer training too.
-        self.holdout_rows = hdet.clean_batch_rows if hdet.enabled and hdet.scalars else 0
+        self.clean_rows = hdet.clean_batch_rows if hdet.enabled and hdet.scalars else 0
         self.train_loader = self._loader(cfg.data.train_split, train=True)
         self.state = TrainState()
         self.autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
@@ -172,28 +177,36 @@ class Trainer:
         if train:
             return build_loader(self.config.data, self.spec, split, train=True, seed=self.config.seed,
                                 rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                holdout_rows=self.holdout_rows)
+                                head_rows=self.clean_rows)
         return build_loader(self.config.data, self.spec, split, train=False, rank=self.ctx.rank,
-                            world_size=self.ctx.world_size, holdout_rows=head_rows or 0,
-                            holdout=head_rows is not None)
+                            world_size=self.ctx.world_size, head_rows=head_rows or 0,
+                            only_head=head_rows is not None)
 
     def _propensities(self) -> list[float] | None:
-        """Given, or the run's saved ones when resuming, or estimated by rank 0 from the training
-        split and broadcast (one read of the split per run, not one per rank and start)."""
+        """Given in the config, or rank 0's (saved or estimated) broadcast to every rank."""
         loss = self.config.loss
         if not loss.ipw:
             return None
         if loss.propensities is not None:
             return list(loss.propensities)
-        saved = self.run_dir / "propensities.json"
-        if self.resume_from is not None and saved.exists():
-            return json.loads(saved.read_text())
         props = torch.zeros(loss.ipw_num_positions, dtype=torch.float64)
-        if self.ctx.is_main:
-            props = torch.tensor(self._estimate_propensities(), dtype=torch.float64)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(props.tolist()) + "\n")
+        if self.ctx.is_main:  # one decision, one read of the split per run, not one per rank
+            props = torch.tensor(self._saved_or_estimated_propensities(), dtype=torch.float64)
         return broadcast(props).tolist()
+
+    def _saved_or_estimated_propensities(self) -> list[float]:
+        """The run's saved propensities when resuming and estimated the same way, else new ones."""
+        loss, saved = self.config.loss, self.run_dir / "propensities.json"
+        how = {"split": self.config.data.train_split, "reference_task": loss.ipw_reference_task,
+               "num_positions": loss.ipw_num_positions, "min_propensity": loss.ipw_min_propensity}
+        if self.resume_from is not None and saved.exists():
+            record = json.loads(saved.read_text())
+            if record.get("estimated_from") == how:
+                return record["propensities"]
+        props = self._estimate_propensities()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"estimated_from": how, "propensities": props}) + "\n")
+        return props
 
     def _estimate_propensities(self) -> list[float]:
         data, loss = self.config.data, self.config.loss
@@ -203,6 +216,17 @@ class Trainer:
         mask = task_bitmasks(self.tasks, list(data.action_names))[loss.ipw_reference_task]
         self._log("estimating feed-position propensities from the training split")
         return estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
+
+    def _check_table_sizes(self) -> None:
+        """Sizes left null follow the dataset's vocabularies: a dataset re-made since the run
+        started would no longer fit the saved tables (or would give ids other rows)."""
+        if self.resume_from is None:
+            return
+        changes = table_size_changes(self.run_dir, self.spec.id_hash_sizes)
+        if changes:
+            raise ConfigError(f"{self.run_dir}: the embedding table sizes differ from the run's "
+                              f"({'; '.join(changes)}): was {self.config.data.path} re-made? "
+                              "Use another run_id, or the dataset the run started on")
 
     def _check_resumed_config(self) -> None:
         """Resuming with a config that changes what is learned would silently mix two runs."""
@@ -223,6 +247,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
             (self.run_dir / "config.yaml").write_text(resolved)
+            record_table_sizes(self.run_dir, self.spec.id_hash_sizes)
         barrier()
         resume = self.resume_from
         if resume is not None:
@@ -260,13 +285,13 @@ class Trainer:
 
     def _clean_batch(self):
         """HDET's batch for scoring scalars: the training split's held-out rows (never trained on)."""
-        if not self.holdout_rows:
+        if not self.clean_rows:
             return None
         data = self.config.data
         files = open_files(split_files(data.path, data.train_split), self.spec.read)
         reader = SequenceReader(files, self.spec.read, ReaderConfig(
-            batch_size=self.holdout_rows, max_seq_len=data.max_seq_len, holdout_rows=self.holdout_rows,
-            holdout=True), collate=Collator(self.spec))
+            batch_size=self.clean_rows, max_seq_len=data.max_seq_len, head_rows=self.clean_rows,
+            only_head=True), collate=Collator(self.spec))
         return next(iter(reader)).to(self.ctx.device)
 
     def _apply_scalars(self) -> None:
@@ -308,8 +333,8 @@ class Trainer:
         return {g["name"]: self.schedule(self.state.step) for g in self.dense_optimizer.param_groups}
 
     def train_step(self, batch) -> tuple[float, float, torch.Tensor, int]:
-        """One optimizer step; returns (mean loss over ranks, this rank's loss, per-task losses,
-        impressions over ranks)."""
+        """One optimizer step; returns (mean loss over ranks, this rank's loss, per-task losses
+        (mean over ranks), impressions over ranks)."""
         self.model.train()
         set_group_values(self.dense_optimizer, "lr", self.learning_rates())
         batch = batch.to(self.ctx.device, non_blocking=True)
@@ -321,8 +346,9 @@ class Trainer:
         # updates the tables inside backward.
         finite = torch.isfinite(out.loss.detach())
         local = float(out.loss.detach()) if bool(finite) else float("nan")
-        stats = torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(),
-                             (~finite).float(), torch.tensor(float(batch.lengths.sum()), device=finite.device)])
+        stats = torch.cat([torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(), (~finite).float(),
+                                        torch.tensor(float(batch.lengths.sum()), device=finite.device)]),
+                           out.per_task.float()])
         stats = all_reduce(stats)
         if stats[1] > 0:
             raise NonFiniteLossError(
@@ -335,7 +361,8 @@ class Trainer:
         self.dense_optimizer.step()
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return float(stats[0]) / self.ctx.world_size, local, out.per_task.cpu(), int(stats[2])
+        world = self.ctx.world_size
+        return float(stats[0]) / world, local, stats[3:].cpu() / world, int(stats[2])
 
     def fit(self) -> RunResult:
         cfg = self.config.trainer
@@ -479,7 +506,7 @@ class Trainer:
     def _truncate_logs(self) -> None:
         """Drop log lines of steps that will be redone (all of them on a fresh start)."""
         if self.ctx.is_main:
-            for message in truncate_run_logs(self.run_dir, self.state.step):
+            for message in runlog.truncate_run_logs(self.run_dir, self.state.step):
                 self._log(message)
 
     def _log(self, message: str) -> None:
