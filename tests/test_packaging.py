@@ -21,6 +21,7 @@ ALLOWED = {
     "eval": {"data", "model", "runtime", "eval"},
     "train": {"data", "model", "runtime", "eval", "train"},
     "serve": {"data", "model", "runtime", "eval", "serve"},
+    "prepare": {"data", "prepare"},  # logs -> datasets: beside the model stack, on top of data
 }
 ANYWHERE = {"quiet"}  # feedsr/quiet.py: keeps library logs down, depends on nothing of ours
 

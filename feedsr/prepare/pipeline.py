@@ -1,0 +1,210 @@
+"""Flat impression log(s) -> the feedsr dataset layout, on DuckDB.
+
+Steps, each a function below:
+
+1. check the inputs (feedsr/prepare/sources.py): errors name the file, the column and the key;
+2. read the logs and drop exact duplicate rows (equal in every log column, counted);
+3. build ``events``: one row per impression with its roles (member, item, author, raw time ``t``,
+   position, ``act_<action>`` 0/1, ``cat_<name>`` raw values), the side tables joined on, and
+   sessions when a feature needs them;
+4. add the point-in-time features (feedsr/prepare/features.py) over all events, then keep those
+   before the last split boundary, sorted by (member, time);
+5. in numpy: dense id vocabularies from the training window (the first split and the history
+   before it; 0 = unknown), action bits, whole-second timestamps; then the existing windowing
+   (``feedsr.data.sequences.write_split``) writes each split and ``dataset.json`` comes last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION
+from feedsr.data.sequences import DATASET_META, check_log, write_dataset_meta, write_split
+from feedsr.data.tasks import encode_actions
+from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
+from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
+from feedsr.prepare.features import feature_sql, needs_sessions, session_sql
+from feedsr.prepare.sources import check_logs, check_side_table, column_types, quote, source_sql
+
+SIDE_JOINS = {"item_table": ("it", "item"), "member_table": ("mt", "member")}  # SQL alias, log role joined on
+# dataset.json names of the id columns that get a vocabulary, besides the cat_ columns.
+ID_ROLES = {"item_ids": "item", "author_ids": "author"}
+
+
+class Progress:
+    """Prints one line per step with the seconds since the start (long steps on big logs)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[prepare {time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+
+def connect(cfg: PrepareConfig) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{cfg.engine.memory_limit}'")
+    if cfg.engine.threads is not None:
+        con.execute(f"SET threads = {cfg.engine.threads}")
+    if cfg.engine.temp_directory is not None:
+        con.execute("SET temp_directory = '" + cfg.engine.temp_directory.replace("'", "''") + "'")
+    con.execute("SET preserve_insertion_order = false")  # every step sorts or groups explicitly
+    return con
+
+
+def load_logs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, total: int) -> int:
+    """Table ``logs``: every log file, exact duplicates dropped; returns how many were dropped."""
+    union = " UNION ALL BY NAME ".join(f"SELECT * FROM {source_sql(p)}" for p in cfg.logs)
+    con.execute(f"CREATE TABLE logs AS SELECT DISTINCT * FROM ({union})")
+    (kept,) = con.execute("SELECT count(*) FROM logs").fetchone()
+    return total - kept
+
+
+def events_sql(cfg: PrepareConfig) -> str:
+    """One row per impression with its roles under fixed names (see the module doc)."""
+    c, log = cfg.columns, lambda column: f"l.{quote(column)}"
+    position = f"COALESCE({log(c.position)}::BIGINT, {UNKNOWN_POSITION})" if c.position else str(UNKNOWN_POSITION)
+    cols = [
+        "row_number() OVER () AS rid",  # a total order's last tie-break (last_k_mean)
+        f"{log(c.member)}::BIGINT AS member", f"{log(c.item)} AS item", f"{log(c.timestamp)}::BIGINT AS t",
+        f"{author_sql(cfg)} AS author", f"{position} AS position",
+    ]
+    cols += [f"{log(col)}::INTEGER AS {quote('act_' + a)}" for a, col in c.actions.items()]
+    cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
+    joins = ""
+    for role, table in cfg.side_tables().items():
+        alias, on = SIDE_JOINS[role]
+        joins += (f" LEFT JOIN {source_sql(table.path)} {alias} "
+                  f"ON {log(getattr(c, on))} = {alias}.{quote(table.key)}")
+        cols += [f"{alias}.{quote(col)} AS {quote('cat_' + col)}" for col in table.categorical]
+        cols += [f"COALESCE({alias}.{quote(col)}::DOUBLE, {table.fill!r}) AS {quote('ctx_' + col)}"
+                 for col in table.numeric]
+        if table.created is not None:
+            cols.append(f"{alias}.{quote(table.created)}::BIGINT AS created")
+    return f"SELECT {', '.join(cols)} FROM logs l{joins}"
+
+
+def author_sql(cfg: PrepareConfig) -> str:
+    source = cfg.author_source()
+    if source == "log":
+        return f"l.{quote(cfg.columns.author)}"
+    if source == "item_table":
+        return f"{SIDE_JOINS['item_table'][0]}.{quote(cfg.item_table.author)}"
+    return "NULL::BIGINT"
+
+
+def build_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> None:
+    sql = events_sql(cfg)
+    if needs_sessions(cfg):
+        sql = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({sql})")
+    con.execute(f"CREATE TABLE events AS {sql}")
+
+
+def featured_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int) -> pa.Table:
+    """The events with their features, before ``end_second``, sorted by (member, time)."""
+    end = end_second * cfg.time_unit()
+    query = (f"SELECT * FROM ({feature_sql(cfg, 'events')}) WHERE t < {end} "
+             f"ORDER BY member, t, rid")
+    return con.sql(query).to_arrow_table()
+
+
+def as_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, known): the column as numpy with nulls filled, and where it is not null."""
+    known = pc.is_valid(column).to_numpy(zero_copy_only=False)
+    filler = "" if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else 0
+    return pc.fill_null(column, filler).to_numpy(zero_copy_only=False), known
+
+
+def dense_ids(table: pa.Table, train: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Per id column (item_ids, author_ids, cat_*): dense ids 1..V over the known values of the
+    training rows (0 = null or unseen in training), and the raw values in id order."""
+    sources = dict(ID_ROLES) | {c: c for c in table.column_names if c.startswith(CATEGORICAL_PREFIX)}
+    ids, vocabs = {}, {}
+    for column, source in sources.items():
+        values, known = as_values(table[source])
+        vocab = build_vocab(values[known & train])
+        ids[column] = np.where(known, apply_vocab(vocab, values), UNKNOWN_ID)
+        vocabs[column] = vocab.tolist()
+    return ids, vocabs
+
+
+def to_log(table: pa.Table, cfg: PrepareConfig, train_end: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The flat feedsr log (feedsr.data.sequences) of the featured events, and the vocabularies."""
+    seconds = np.floor_divide(table["t"].to_numpy(), cfg.time_unit())
+    ids, vocabs = dense_ids(table, seconds < train_end)
+    acts = np.stack([table["act_" + a].to_numpy() for a in cfg.columns.actions], axis=1)
+    log = {
+        "member_id": table["member"].to_numpy().astype(np.int64),
+        "item_ids": ids.pop("item_ids"),
+        "author_ids": ids.pop("author_ids"),
+        "timestamps": seconds.astype(np.int64),
+        "positions": table["position"].to_numpy().astype(np.int64),
+        "action_bits": encode_actions(acts),
+    }
+    log |= ids
+    for name in cfg.context_names():
+        log[CONTEXT_PREFIX + name] = table[CONTEXT_PREFIX + name].to_numpy().astype(np.float32)
+    return log, vocabs
+
+
+def run(cfg) -> dict:
+    """Prepare the dataset of a composed config (DictConfig, dict or PrepareConfig); return its
+    dataset.json. Raises PrepareError naming the key, file or column for bad config or input."""
+    cfg = to_prepare_config(cfg)
+    splits = cfg.split_list()
+    out, progress = Path(cfg.out), Progress()
+    con = connect(cfg)
+    total = check_logs(con, cfg)
+    log_types = column_types(con, cfg.logs[0])
+    for role, table in cfg.side_tables().items():
+        on = SIDE_JOINS[role][1]
+        column = getattr(cfg.columns, on)
+        check_side_table(con, role, table, (f"columns.{on}", column, log_types[column]))
+    progress(f"checked {len(cfg.logs)} log file(s): {total} rows")
+    duplicates = load_logs(con, cfg, total)
+    progress(f"dropped {duplicates} exact duplicate rows")
+    build_events(con, cfg)
+    progress("built events (side tables joined)")
+    table = featured_events(con, cfg, splits[-1].end)
+    if table.num_rows == 0:
+        raise PrepareError(f"{cfg.logs}: no impressions before the last split boundary "
+                           f"{cfg.splits.boundaries[-1]} (splits.boundaries; time.unit '{cfg.time.unit}')")
+    progress(f"computed {len(cfg.features)} point-in-time features for {table.num_rows} impressions")
+    log, vocabs = to_log(table, cfg, splits[0].end)
+    del table
+    check_log(log)
+    (out / DATASET_META).unlink(missing_ok=True)  # its presence must keep meaning "complete"
+    counts = {}
+    for split in splits:
+        counts[split.name] = write_split(out, log, split, list(cfg.columns.actions), cfg.max_seq_len,
+                                         rows_per_file=cfg.rows_per_file)
+        progress(f"wrote {split.name}: {counts[split.name]}")
+    write_vocabs(out, vocabs)
+    meta = dataset_meta(cfg, counts, vocabs, duplicates)
+    write_dataset_meta(out, meta)
+    progress(f"wrote {out / DATASET_META}")
+    return meta
+
+
+def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, duplicates: int) -> dict:
+    return {
+        "source": cfg.name,
+        "action_names": list(cfg.columns.actions),
+        "categorical": cfg.categorical_names(),
+        "context": cfg.context_names(),
+        "true_probs": [],
+        VOCAB_SIZES: {column: vocab_size(values) for column, values in vocabs.items()},
+        "splits": counts,
+        "duplicates_dropped": duplicates,
+        "inputs": list(cfg.logs) + [t.path for t in cfg.side_tables().values()],
+        "time_unit": cfg.time.unit,
+        "timezone": cfg.time.timezone,
+        "max_seq_len": cfg.max_seq_len,
+        "features": {f.name: f.kind for f in cfg.features},
+    }

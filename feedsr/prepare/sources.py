@@ -1,0 +1,180 @@
+"""Reading the inputs into DuckDB, and checking them first.
+
+Every check runs per file, so an error names the file and the column (and the config key that
+named the column): a missing column, a wrong type, nulls in a key, actions other than 0/1,
+timestamps whose range says the unit is wrong, a side table with duplicate keys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import duckdb
+
+from feedsr.prepare.config import TIME_UNITS, PrepareConfig, PrepareError, SideTableConfig
+
+CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
+# Plausible impression times: a timestamp read in the configured unit must fall in these years,
+# which is what tells seconds from milliseconds (1.6e9 s is 2020; 1.6e9 ms is January 1970).
+PLAUSIBLE_YEARS = (1990, 2100)
+
+
+def quote(name: str) -> str:
+    """A SQL identifier, quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def source_sql(path: str) -> str:
+    """A DuckDB table function reading ``path``: CSV by its suffix, Parquet otherwise."""
+    literal = "'" + path.replace("'", "''") + "'"
+    if path.lower().endswith(CSV_SUFFIXES):
+        return f"read_csv({literal})"
+    return f"read_parquet({literal})"
+
+
+def column_types(con: duckdb.DuckDBPyConnection, path: str) -> dict[str, str]:
+    """Column name -> DuckDB type name of a file; PrepareError naming the file if it cannot be read."""
+    try:
+        rows = con.execute(f"DESCRIBE SELECT * FROM {source_sql(path)}").fetchall()
+    except duckdb.Error as e:
+        raise PrepareError(f"{path}: cannot read it: {str(e).splitlines()[0]}") from None
+    return {name: dtype for name, dtype, *_ in rows}
+
+
+def is_integer(dtype: str) -> bool:
+    return dtype.upper().rstrip("0123456789") in {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+                                                  "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+
+
+def is_key_type(dtype: str) -> bool:
+    """Ids and categoricals: integers or strings (vocabularies map either to dense ids)."""
+    return is_integer(dtype) or dtype.upper() == "VARCHAR"
+
+
+def log_roles(cfg: PrepareConfig) -> list[tuple[str, str, str]]:
+    """(config key, column, required kind) for every log column the config names."""
+    c = cfg.columns
+    roles = [("columns.member", c.member, "integer"), ("columns.item", c.item, "key"),
+             ("columns.timestamp", c.timestamp, "integer")]
+    if c.author is not None:
+        roles.append(("columns.author", c.author, "key"))
+    if c.position is not None:
+        roles.append(("columns.position", c.position, "integer"))
+    roles += [(f"columns.actions.{a}", col, "action") for a, col in c.actions.items()]
+    roles += [(f"columns.categoricals.{n}", col, "key") for n, col in c.categoricals.items()]
+    return roles
+
+
+KIND_CHECKS = {
+    "integer": (is_integer, "an integer type"),
+    "key": (is_key_type, "an integer or string type"),
+    "action": (lambda t: is_integer(t) or t.upper() == "BOOLEAN", "0/1 integers or booleans"),
+    "numeric": (lambda t: is_integer(t) or t.upper() in {"FLOAT", "DOUBLE", "REAL"}
+                or t.upper().startswith("DECIMAL"), "a numeric type"),
+}
+
+
+def check_columns(path: str, types: dict[str, str], roles: list[tuple[str, str, str]]) -> None:
+    """PrepareError naming the file, column and config key of the first missing or mistyped column."""
+    for key, column, kind in roles:
+        if column not in types:
+            raise PrepareError(f"{path}: missing column '{column}' ({key}); it has {sorted(types)}")
+        ok, expected = KIND_CHECKS[kind]
+        if not ok(types[column]):
+            raise PrepareError(f"{path}: column '{column}' ({key}) has type {types[column]}, expected {expected}")
+
+
+def check_log_values(con: duckdb.DuckDBPyConnection, path: str, cfg: PrepareConfig) -> int:
+    """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
+    c = cfg.columns
+    keys = [c.member, c.item, c.timestamp]
+    actions = list(c.actions.values())
+    exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
+    exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]
+    exprs += [f"count(*) FILTER (WHERE {quote(a)} IS NULL OR {quote(a)}::INTEGER NOT IN (0, 1))"
+              for a in actions]
+    rows, t_min, t_max, *bad = con.execute(f"SELECT {', '.join(exprs)} FROM {source_sql(path)}").fetchone()
+    for column, nulls in zip(keys, bad[: len(keys)]):
+        if nulls:
+            raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids and timestamps "
+                               "must be set on every row")
+    for (name, column), count in zip(c.actions.items(), bad[len(keys):]):
+        if count:
+            raise PrepareError(f"{path}: column '{column}' (action '{name}') has {count} values that are "
+                               f"not 0 or 1{_example(con, path, column)}")
+    if rows:
+        check_time_range(path, c.timestamp, cfg.time.unit, t_min, t_max)
+    return rows
+
+
+def _example(con, path: str, column: str) -> str:
+    (value,) = con.execute(f"SELECT {quote(column)} FROM {source_sql(path)} WHERE {quote(column)} IS NULL "
+                           f"OR {quote(column)}::INTEGER NOT IN (0, 1) LIMIT 1").fetchone()
+    return f" (e.g. {value})"
+
+
+def _year(raw: int, unit: str) -> float:
+    return 1970 + raw / TIME_UNITS[unit] / (365.2425 * 86_400)
+
+
+def check_time_range(path: str, column: str, unit: str, t_min: int, t_max: int) -> None:
+    """PrepareError when the timestamps, read in ``unit``, fall outside ``PLAUSIBLE_YEARS``;
+    names the unit that would fit."""
+    lo, hi = PLAUSIBLE_YEARS
+    if lo <= _year(t_min, unit) and _year(t_max, unit) < hi:
+        return
+    fits = [u for u in TIME_UNITS if lo <= _year(t_min, u) and _year(t_max, u) < hi]
+    hint = f"; as '{fits[0]}' they would be" if fits else ""
+    shown = lambda u: " .. ".join(_date(t, u) for t in (t_min, t_max))  # noqa: E731
+    raise PrepareError(
+        f"{path}: column '{column}' read as time.unit='{unit}' spans {shown(unit)}, outside "
+        f"{lo}..{hi}{hint + ' ' + shown(fits[0]) if fits else ''}: set time.unit to the column's unit")
+
+
+def _date(raw: int, unit: str) -> str:
+    year = _year(raw, unit)
+    if not 1 <= year < 9999:
+        return f"year {year:.0f}"
+    return datetime.fromtimestamp(raw / TIME_UNITS[unit], timezone.utc).strftime("%Y-%m-%d")
+
+
+def check_logs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> int:
+    """Check every log file; return their total row count."""
+    total = 0
+    for path in cfg.logs:
+        check_columns(path, column_types(con, path), log_roles(cfg))
+        total += check_log_values(con, path, cfg)
+    return total
+
+
+def side_roles(role: str, table: SideTableConfig) -> list[tuple[str, str, str]]:
+    roles = [(f"{role}.key", table.key, "key")]
+    roles += [(f"{role}.numeric", col, "numeric") for col in table.numeric]
+    roles += [(f"{role}.categorical", col, "key") for col in table.categorical]
+    if table.author is not None:
+        roles.append((f"{role}.author", table.author, "key"))
+    if table.created is not None:
+        roles.append((f"{role}.created", table.created, "integer"))
+    return roles
+
+
+def check_side_table(con: duckdb.DuckDBPyConnection, role: str, table: SideTableConfig,
+                     log_column: tuple[str, str, str]) -> None:
+    """Columns present and typed; keys of the log column's type family, set and unique (a join on
+    a duplicated key would multiply impressions). ``log_column``: (config key, column, type)."""
+    types = column_types(con, table.path)
+    check_columns(table.path, types, side_roles(role, table))
+    log_key, log_name, log_type = log_column
+    if is_integer(types[table.key]) != is_integer(log_type):
+        raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has type {types[table.key]}, "
+                           f"but the log's '{log_name}' ({log_key}) has type {log_type}: they cannot be joined")
+    key = quote(table.key)
+    nulls, dup = con.execute(
+        f"SELECT count(*) FILTER (WHERE {key} IS NULL), "
+        f"(SELECT {key} FROM {source_sql(table.path)} GROUP BY {key} HAVING count(*) > 1 LIMIT 1) "
+        f"FROM {source_sql(table.path)}").fetchone()
+    if nulls:
+        raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has {nulls} null values")
+    if dup is not None:
+        raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has duplicate values "
+                           f"(e.g. {dup}); a side table needs one row per key")
