@@ -66,7 +66,7 @@ def random_columns(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarr
     """Random values for the spec's id and context columns."""
     from feedsr.data.schema import CONTEXT_PREFIX
 
-    values = {k: rng.integers(0, size, n) for k, size in spec.id_hash_sizes.items()}
+    values = {k: rng.integers(0, size, n) for k, size in spec.id_table_sizes.items()}
     return values | {CONTEXT_PREFIX + c: rng.random(n).astype(np.float32) for c in spec.read.context}
 
 

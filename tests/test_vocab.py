@@ -108,10 +108,10 @@ def test_data_config_takes_table_sizes_from_the_dataset_and_reports_collisions()
                             "cat_upload_type": 14, "cat_music_type": 6, "cat_tag": 44,
                             "cat_user_active_degree": 10}}
     spec = batch_spec(data, meta)
-    assert spec.id_hash_sizes == {k: meta["vocab_sizes"][k] for k in spec.id_hash_sizes}
+    assert spec.id_table_sizes == {k: meta["vocab_sizes"][k] for k in spec.id_table_sizes}
     assert collision_report(data, meta) == []
     data.id_tables["author_ids"] = 4096
-    assert batch_spec(data, meta).id_hash_sizes["author_ids"] == 4096
+    assert batch_spec(data, meta).id_table_sizes["author_ids"] == 4096
     (line,) = collision_report(data, meta)
     assert line.startswith("author_ids: 4096 table rows for 6437 ids: ")
     assert f"{collision_rate(6437, 4096):.1%} of them share a row" in line

@@ -65,7 +65,7 @@ class BatchSpec:
     Args:
         read: the columns read (action names, categoricals, context, true probabilities).
         tasks: the prediction tasks.
-        id_hash_sizes: id feature -> table size; ids are taken modulo the size (an id space
+        id_table_sizes: id feature -> table size; ids are taken modulo the size (an id space
             smaller than the table is therefore collision-free). Keys: ``item_ids`` and/or
             ``author_ids`` (a missing one is not fed to the model), then ``cat_<name>`` for each
             categorical.
@@ -75,23 +75,23 @@ class BatchSpec:
 
     read: ReadSpec
     tasks: tuple[Task, ...]
-    id_hash_sizes: dict[str, int]
+    id_table_sizes: dict[str, int]
     session_gap_s: int = DEFAULT_SESSION_GAP_S
 
     def __post_init__(self):
         cats = [CATEGORICAL_PREFIX + c for c in self.read.categorical]
-        ids = [k for k in self.id_hash_sizes if k not in cats]
+        ids = [k for k in self.id_table_sizes if k not in cats]
         if ids != [c for c in ID_COLUMNS if c in ids] or \
-                [k for k in self.id_hash_sizes if k in cats] != cats or not self.id_hash_sizes:
-            raise ValueError(f"id_hash_sizes keys {list(self.id_hash_sizes)}: expected some of "
+                [k for k in self.id_table_sizes if k in cats] != cats or not self.id_table_sizes:
+            raise ValueError(f"id_table_sizes keys {list(self.id_table_sizes)}: expected some of "
                              f"{list(ID_COLUMNS)} in that order, then every categorical {cats}")
-        bad = {k: v for k, v in self.id_hash_sizes.items() if v < 1}
+        bad = {k: v for k, v in self.id_table_sizes.items() if v < 1}
         if bad:
             raise ValueError(f"id table sizes must be >= 1, got {bad}")
 
     @property
     def id_features(self) -> list[str]:
-        return list(self.id_hash_sizes)
+        return list(self.id_table_sizes)
 
     def true_prob_columns(self) -> list[str | None]:
         """Per task, the true_ column that gives its probability (single-action tasks only)."""
@@ -111,7 +111,7 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
     """SequenceBlock -> Batch (CPU tensors)."""
     v, lengths = block.values, block.lengths
     n = int(lengths.sum())
-    ids = [v[name] % size for name, size in spec.id_hash_sizes.items()]
+    ids = [v[name] % size for name, size in spec.id_table_sizes.items()]
     sparse = KeyedJaggedTensor.from_lengths_sync(
         keys=spec.id_features,
         values=torch.from_numpy(np.concatenate(ids)),

@@ -144,7 +144,7 @@ def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:
         sizes = table_sizes(configured_tables(cfg), meta or {})
     except ValueError as e:
         raise DataError(f"{cfg.path}: {e}") from None
-    return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_hash_sizes=sizes,
+    return BatchSpec(read=read, tasks=tuple(tasks_of(cfg)), id_table_sizes=sizes,
                      session_gap_s=cfg.session_gap_s)
 
 

@@ -222,7 +222,7 @@ class Trainer:
         started would no longer fit the saved tables (or would give ids other rows)."""
         if self.resume_from is None:
             return
-        changes = table_size_changes(self.run_dir, self.spec.id_hash_sizes)
+        changes = table_size_changes(self.run_dir, self.spec.id_table_sizes)
         if changes:
             raise ConfigError(f"{self.run_dir}: the embedding table sizes differ from the run's "
                               f"({'; '.join(changes)}): was {self.config.data.path} re-made? "
@@ -247,7 +247,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
             (self.run_dir / "config.yaml").write_text(resolved)
-            record_table_sizes(self.run_dir, self.spec.id_hash_sizes)
+            record_table_sizes(self.run_dir, self.spec.id_table_sizes)
         barrier()
         resume = self.resume_from
         if resume is not None:
