@@ -253,3 +253,32 @@ def test_make_synthetic_prints_the_oracle_auc_of_the_test_split(tmp_path):
     line = next(x for x in done.stdout.splitlines() if x.startswith("test: oracle AUC"))
     np.testing.assert_allclose([float(v) for v in line.split()[3:]], oracle, atol=5e-5)
     assert 0.6 < oracle[0] < 1.0  # the click oracle ranks well: the AUC is not a constant
+
+
+def test_generation_never_writes_over_a_users_files(tmp_path):
+    """data.path pointing at one's own Parquet files without a dataset.json used to regenerate
+    synthetic data into the directory, overwriting and deleting the user's files."""
+    from feedsr.data.output import OWNER_MARK
+    from feedsr.data.schema import DataError
+    from feedsr.runtime.config import compose_config, to_config
+    from feedsr.train.trainer import run
+
+    users = tmp_path / "mine"
+    (users / "train").mkdir(parents=True)
+    part = users / "train" / "part-00000-1b2c-c000.snappy.parquet"
+    part.write_bytes(b"PAR1 a user's bytes PAR1")
+    (users / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in users.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=r"mine: refusing to write a dataset into a directory feedsr did "
+                                        r"not create \(it holds notes.txt, train\)"):
+        run(to_config(compose_config([f"data.path={users}", "data.generate.num_members=50",
+                                      f"output_root={tmp_path}"])))
+    with pytest.raises(DataError, match="refusing to write"):
+        generate(users, num_members=50, seed=0)
+    assert {p: p.read_bytes() for p in users.rglob("*") if p.is_file()} == before  # nothing touched
+    # an empty directory, or one feedsr marked (an interrupted generation), is written
+    (tmp_path / "empty").mkdir()
+    assert generate(tmp_path / "empty", num_members=50, seed=0)["num_members"] == 50
+    (tmp_path / "empty" / "dataset.json").unlink()  # as if killed before the end
+    assert (tmp_path / "empty" / OWNER_MARK).is_file()
+    assert generate(tmp_path / "empty", num_members=50, seed=0)["num_members"] == 50

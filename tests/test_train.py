@@ -368,3 +368,43 @@ def test_run_time_user_errors_are_one_line(tmp_path, override, message):
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("feedsr: ") and message in line
     assert not data.exists()
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_diverged_update_is_never_saved_and_stops_the_run(synthetic_dir, tmp_path, checkpoint_every):
+    """At lr 1e3 step 2's loss is finite but its update makes weights NaN; that state used to be
+    saved as COMPLETE, and every restart resumed the poisoned state."""
+    from feedsr.runtime.checkpoint import NonFiniteStateError
+
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "diverged") + [
+        "trainer.max_steps=6", f"trainer.checkpoint_every={checkpoint_every}", "optimizer.lr=1e3",
+        "optimizer.schedule=constant", "optimizer.grad_clip=0"]
+    expected = (r"step 2: \d+ parameter or optimizer tensor\(s\) hold NaN/inf .*Not saved" if checkpoint_every
+                else r"the update of step 2 left non-finite parameters .*stopped before step 3")
+    with pytest.raises(NonFiniteStateError, match=expected):
+        run(compose(overrides))
+    run_dir = tmp_path / "diverged"
+    assert _steps(run_dir / "train_log.jsonl") == [1, 2]  # step 2's loss was finite
+    latest = latest_checkpoint(run_dir)
+    assert (latest.name if latest else None) == ("step-1" if checkpoint_every else None)
+    assert not is_complete(run_dir / "checkpoints" / "step-2")
+    if checkpoint_every:  # what a restart resumes is finite
+        with distributed("cpu") as ctx:
+            trainer = Trainer(to_config(compose(overrides)), ctx)
+            assert trainer.state.step == 1
+            assert all(torch.isfinite(v).all() for v in _parameters(trainer).values())
+
+
+def test_resume_errors_name_the_real_cause(synthetic_dir, tmp_path):
+    """A missing rank file used to be blamed on a world-size mismatch."""
+    from feedsr.runtime.checkpoint import CheckpointError
+
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "damaged") + ["trainer.max_steps=2", "trainer.checkpoint_every=1"]
+    run(compose(overrides))
+    step2 = tmp_path / "damaged" / "checkpoints" / "step-2"
+    (step2 / "rank-0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"step-2/rank-0.pt missing: the checkpoint is damaged \(it was saved by 1 ranks"):
+        run(compose(overrides))
+    (step2 / "COMPLETE").write_text("step 2, world size 2\n")
+    with pytest.raises(CheckpointError, match=r"step-2 was saved by 2 ranks, this run has 1; resuming needs the same"):
+        run(compose(overrides))

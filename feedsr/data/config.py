@@ -14,6 +14,7 @@ from feedsr.data.block import DEFAULT_SESSION_GAP_S
 from feedsr.data.reader import ReaderConfig, ReadSpec, SequenceReader, open_files, split_files
 from feedsr.data.schema import CATEGORICAL_PREFIX, ID_COLUMNS, MAX_ACTIONS, DataError
 from feedsr.data.sequences import read_dataset_meta
+from feedsr.data.output import check_writable
 from feedsr.data.vocab import VOCAB_SIZES, collision_rate, table_sizes
 from feedsr.data.tasks import Task, build_tasks
 
@@ -109,6 +110,7 @@ def ensure_dataset(cfg: DataConfig) -> dict:
     path = Path(cfg.path)
     meta = read_dataset_meta(path)
     if meta is None and cfg.generate is not None:
+        check_writable(path)  # before the lock file lands beside it
         path.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f".{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -129,6 +131,13 @@ def ensure_dataset(cfg: DataConfig) -> dict:
             f"data.action_names {list(cfg.action_names)}"
         )
     return meta
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """What ``ensure_dataset`` would refuse, checked without writing anything (every rank runs it
+    before rank 0 generates, so a refusal stops every rank instead of leaving them waiting)."""
+    if read_dataset_meta(cfg.path) is None and cfg.generate is not None:
+        check_writable(cfg.path)
 
 
 def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:

@@ -65,6 +65,7 @@ import pyarrow.parquet as pq
 from feedsr.data.pit import counts_before
 from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, ID_COLUMNS, UNKNOWN_POSITION
 from feedsr.data.sequences import DATASET_META, Split, check_log, write_dataset_meta, write_split
+from feedsr.data.output import claim
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, apply_vocab, build_vocab, vocab_size, write_vocabs
 
@@ -475,6 +476,7 @@ def convert(
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
     if members is not None and members < 1:
         raise ValueError(f"members must be >= 1 or None, got {members}")
+    claim(out)  # before any work: never over a user's files
     log_paths = [src / LOG_FILE, *map(Path, extra_logs)]
     tables = []
     for path in log_paths:

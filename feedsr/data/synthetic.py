@@ -52,6 +52,7 @@ from feedsr.data.sequences import (
     write_split,
 )
 from feedsr.data.tasks import encode_actions
+from feedsr.data.output import claim
 from feedsr.data.vocab import VOCAB_SIZES
 
 ACTION_NAMES = ("click", "long_view", "like", "comment", "share")
@@ -550,8 +551,7 @@ def generate(
     log = _build_log(timeline, catalog, posts, probs, actions)
     check_log(log)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim(out_dir)  # never over a user's files
     # dataset.json marks a complete dataset: drop an old one before overwriting its files.
     (out_dir / DATASET_META).unlink(missing_ok=True)
     np.savez(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from feedsr.runtime.collectives import barrier
+from feedsr.runtime.collectives import all_reduce, barrier
 from feedsr.runtime.distributed import DistContext
 
 COMPLETE = "COMPLETE"
@@ -34,6 +34,39 @@ COMPLETE = "COMPLETE"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the path and the reason."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """Parameters or optimizer state hold NaN/inf: such a state is never saved as complete."""
+
+
+def nonfinite_entries(tree, prefix: str = "") -> list[str]:
+    """Names of the tensors in ``tree`` (nested dicts/lists of tensors; sharded tables count by
+    their local shards) that hold a NaN or an infinity."""
+    if isinstance(tree, dict):
+        return [n for k, v in tree.items() for n in nonfinite_entries(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [n for i, v in enumerate(tree) for n in nonfinite_entries(v, f"{prefix}{i}.")]
+    if hasattr(tree, "local_shards"):  # ShardedTensor: this rank's rows only
+        tensors = [shard.tensor for shard in tree.local_shards()]
+    elif isinstance(tree, torch.Tensor):
+        tensors = [tree]
+    else:
+        return []
+    bad = any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)
+    return [prefix.rstrip(".")] if bad else []
+
+
+def check_finite_state(state: dict, step: int) -> None:
+    """A collective: NonFiniteStateError on every rank if any rank's ``state`` is not finite."""
+    bad = nonfinite_entries(state)
+    total = int(all_reduce(torch.tensor([len(bad)], dtype=torch.int64)))
+    if total:
+        mine = f" (this rank: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})" if bad else ""
+        raise NonFiniteStateError(
+            f"step {step}: {total} parameter or optimizer tensor(s) hold NaN/inf{mine}; the update of "
+            f"step {step} diverged. Not saved; the newest complete checkpoint is still the last "
+            "finite state. Lower optimizer.lr or check the data.")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -82,8 +115,10 @@ def sharded_state(model, sparse_optimizer) -> dict:
 def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_state: dict,
                     ctx: DistContext, keep: int, protect: int | None = None) -> Path:
     """Save collectively; mark complete only after every rank wrote; keep the newest ``keep``
-    (and step ``protect``: the best checkpoint by validation)."""
+    (and step ``protect``: the best checkpoint by validation). A state with NaN/inf anywhere is
+    refused before anything is written (NonFiniteStateError on every rank)."""
     path = checkpoint_path(run_dir, step)
+    check_finite_state({"sharded": sharded_state(model, sparse_optimizer), "rank": rank_state}, step)
     if ctx.is_main and path.exists():  # a leftover of an interrupted save of this same step
         shutil.rmtree(path)
     barrier()
@@ -158,18 +193,27 @@ def load_sharded(path: Path, model, sparse_optimizer) -> None:
         sparse_optimizer.load_state_dict(state["sparse_optimizer"])
 
 
+def saved_world_size(path: Path) -> int | None:
+    """The world size a complete checkpoint's marker records ("step N, world size W")."""
+    marker = (Path(path) / COMPLETE).read_text() if is_complete(path) else ""
+    match = re.search(r"world size (\d+)", marker)
+    return int(match.group(1)) if match else None
+
+
 def load_rank_state(path: Path, ctx: DistContext) -> dict:
     """This rank's own state (never another rank's: HDET multipliers and RNGs are per rank)."""
+    saved_by = saved_world_size(path)
+    if saved_by is not None and saved_by != ctx.world_size:
+        raise CheckpointError(
+            f"{path} was saved by {saved_by} ranks, this run has {ctx.world_size}; resuming needs "
+            "the same world size (use trainer.init_from to warm-start instead)")
     file = Path(path) / f"rank-{ctx.rank}.pt"
     if not file.is_file():
-        raise CheckpointError(
-            f"{file} missing: a checkpoint can only be resumed with the world size it was saved "
-            f"with (this run has {ctx.world_size} ranks)"
-        )
+        raise CheckpointError(f"{file} missing: the checkpoint is damaged (it was saved by "
+                              f"{saved_by or 'an unknown number of'} ranks, each writing its rank file)")
     state = torch.load(file, weights_only=False)
-    if state["world_size"] != ctx.world_size:
+    if state["world_size"] != ctx.world_size:  # a marker from before it recorded the world size
         raise CheckpointError(
             f"{path} was saved by {state['world_size']} ranks, this run has {ctx.world_size}; "
-            "resuming needs the same world size (use trainer.init_from to warm-start instead)"
-        )
+            "resuming needs the same world size (use trainer.init_from to warm-start instead)")
     return state

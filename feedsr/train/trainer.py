@@ -22,13 +22,21 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from feedsr.data.batch import Collator
-from feedsr.data.config import batch_spec, build_loader, collision_report, ensure_dataset, tasks_of
+from feedsr.data.config import (
+    batch_spec,
+    build_loader,
+    check_dataset,
+    collision_report,
+    ensure_dataset,
+    tasks_of,
+)
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
 from feedsr.data.tasks import task_bitmasks
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
 from feedsr.model import build_model
 from feedsr.runtime.checkpoint import (
+    NonFiniteStateError,
     check_complete,
     checkpoint_path,
     is_complete,
@@ -164,6 +172,7 @@ class Trainer:
 
     def _dataset_meta(self) -> dict:
         """Rank 0 generates synthetic data if needed; the others wait, then read its metadata."""
+        check_dataset(self.config.data)
         if self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
         barrier()
@@ -344,12 +353,22 @@ class Trainer:
         # One all-reduce gives every rank the mean loss, the impression count and whether any rank
         # saw a non-finite loss; it runs before backward because the fused embedding optimizer
         # updates the tables inside backward.
+        # It also carries whether the previous update left a dense parameter non-finite (a
+        # finite loss does not prove a finite update), so that needs no collective of its own.
         finite = torch.isfinite(out.loss.detach())
         local = float(out.loss.detach()) if bool(finite) else float("nan")
+        diverged = torch.stack([~torch.isfinite(p).all() for p in self.dense_params()]).sum()
         stats = torch.cat([torch.stack([torch.where(finite, out.loss.detach(), 0.0).float(), (~finite).float(),
-                                        torch.tensor(float(batch.lengths.sum()), device=finite.device)]),
+                                        torch.tensor(float(batch.lengths.sum()), device=finite.device),
+                                        diverged.float()]),
                            out.per_task.float()])
         stats = all_reduce(stats)
+        if stats[3] > 0:
+            names = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+            raise NonFiniteStateError(
+                f"the update of step {self.state.step} left non-finite parameters (on {int(stats[3])} "
+                f"tensor(s) over all ranks; this rank: {', '.join(names[:5]) or 'none'}); stopped before "
+                f"step {self.state.step + 1}. Lower optimizer.lr or check the data.")
         if stats[1] > 0:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.state.step + 1} (on {int(stats[1])} rank(s)); "
@@ -362,7 +381,7 @@ class Trainer:
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         world = self.ctx.world_size
-        return float(stats[0]) / world, local, stats[3:].cpu() / world, int(stats[2])
+        return float(stats[0]) / world, local, stats[4:].cpu() / world, int(stats[2])
 
     def fit(self) -> RunResult:
         cfg = self.config.trainer
