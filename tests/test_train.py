@@ -408,3 +408,50 @@ def test_resume_errors_name_the_real_cause(synthetic_dir, tmp_path):
     (step2 / "COMPLETE").write_text("step 2, world size 2\n")
     with pytest.raises(CheckpointError, match=r"step-2 was saved by 2 ranks, this run has 1; resuming needs the same"):
         run(compose(overrides))
+
+
+def test_bad_data_in_any_split_is_found_before_step_one(synthetic_dir, tmp_path, capsys):
+    """NaN in the valid split or an empty valid directory surfaced only at the final validation,
+    after every step had run."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from feedsr.data.schema import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    first = sorted((data / "valid").glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    meta = table.schema.metadata
+    column = table.column("ctx_post_age").combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).copy()
+    flat[7] = float("nan")
+    table = table.set_column(table.schema.get_field_index("ctx_post_age"), "ctx_post_age",
+                             pa.ListArray.from_arrays(column.offsets, pa.array(flat, pa.float32())))
+    pq.write_table(table.replace_schema_metadata(meta), first)
+    overrides = tiny_overrides(data, tmp_path, "checked") + ["trainer.max_steps=50"]
+    with pytest.raises(DataError, match=rf"{first.name}: row group 0, row \d+ .*column 'ctx_post_age' has a non-finite value"):
+        run(compose(overrides + ["trainer.check_data=full"]))
+    assert not (tmp_path / "checked" / "train_log.jsonl").exists()  # no step ran
+    for f in (data / "valid").glob("*.parquet"):
+        f.unlink()
+    with pytest.raises(DataError, match=r"valid: no \*.parquet files"):
+        run(compose(overrides))
+    assert not (tmp_path / "checked" / "train_log.jsonl").exists()
+
+
+def test_batch_larger_than_the_split_is_reported(synthetic_dir, tmp_path, capsys):
+    run(compose(tiny_overrides(synthetic_dir, tmp_path, "huge") + ["trainer.max_steps=1", "data.batch_size=100000"]))
+    assert re.search(r"warning: the train split has \d+ rows, fewer than one step's 100000", capsys.readouterr().out)
+
+
+def test_unwritable_checkpoint_directory_is_found_at_start(synthetic_dir, tmp_path):
+    from feedsr.runtime.checkpoint import CheckpointError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointError, match=r"a_file/blocked/checkpoints: cannot write checkpoints there"):
+        run(compose(tiny_overrides(synthetic_dir, blocker, "blocked") + ["trainer.max_steps=1"]))

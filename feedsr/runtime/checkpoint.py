@@ -154,6 +154,18 @@ def table_size_changes(run_dir: Path, sizes: dict[str, int]) -> list[str]:
             if recorded.get(k) != sizes.get(k)]
 
 
+def check_writable_root(run_dir: Path, rank: int) -> None:
+    """CheckpointError now, rather than at the first save, if checkpoints cannot be written."""
+    root = checkpoint_root(run_dir)
+    probe = root / f".write-probe-{rank}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{root}: cannot write checkpoints there ({e.strerror})") from None
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return checkpoint_root(run_dir) / f"step-{step}"
 

@@ -177,6 +177,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the dense blocks (transformer / DCN, heads); embeddings stay eager
     progress: bool = True
     tensorboard: bool = True
+    # Before step 1 every split the run reads is opened and its schema checked; "full" also reads
+    # every value once (a pass over the data: NaN in a context column, bad ids, ...).
+    check_data: str = "files"  # files | full
     evaluate_test: bool = False  # evaluate the test split at the end and print the table
     # Checkpoint selection: after every validation, the run's best so far (highest mean validation
     # AUC over these tasks; every task when empty) is recorded in best.json and its checkpoint is
@@ -197,6 +200,7 @@ class TrainerConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"trainer.precision must be fp32 or bf16, got '{self.precision}'")
         require(self.log_every >= 1, "trainer.log_every", self.log_every, ">= 1")
+        require(self.check_data in ("files", "full"), "trainer.check_data", self.check_data, "files or full")
         for name in ("val_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
@@ -235,7 +239,7 @@ class Config:
 RESUMABLE_CHANGES = (
     "trainer.log_every", "trainer.val_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.device", "trainer.num_threads", "trainer.compile", "trainer.progress",
-    "trainer.tensorboard", "trainer.evaluate_test", "trainer.allow_config_change",
+    "trainer.tensorboard", "trainer.evaluate_test", "trainer.allow_config_change", "trainer.check_data",
     "data.eval_batch_size", "output_root", "run_id",
 )
 

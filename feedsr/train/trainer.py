@@ -38,6 +38,7 @@ from feedsr.model import build_model
 from feedsr.runtime.checkpoint import (
     NonFiniteStateError,
     check_complete,
+    check_writable_root,
     checkpoint_path,
     is_complete,
     latest_checkpoint,
@@ -129,6 +130,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_root) / cfg.run_id
         self.resume_from = latest_checkpoint(self.run_dir)
         self._check_resumed_config()
+        check_writable_root(self.run_dir, ctx.rank)  # now, not at the first save; every rank checks
         if cfg.trainer.init_from and self.resume_from is None:
             check_complete(Path(cfg.trainer.init_from))  # before any data is generated
         if ctx.device.type == "cpu":
@@ -160,6 +162,7 @@ class Trainer:
         # validation split picks and reports checkpoints, so it must not steer training too.
         self.clean_rows = hdet.clean_batch_rows if hdet.enabled and hdet.scalars else 0
         self.train_loader = self._loader(cfg.data.train_split, train=True)
+        self._check_splits()
         self.state = TrainState()
         self.autocast = torch.bfloat16 if cfg.trainer.precision == "bf16" else None
         torch.manual_seed(cfg.seed * 7919 + ctx.rank + 1)  # dropout differs per rank
@@ -179,6 +182,24 @@ class Trainer:
         if not self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
         return meta
+
+    def _check_splits(self) -> None:
+        """Every split the run will read, checked before step 1 (bad validation data used to
+        surface only at the final validation): files and schema always, every value with
+        trainer.check_data=full."""
+        data = self.config.data
+        splits = [data.train_split, data.valid_split] + ([data.test_split] if self.config.trainer.evaluate_test else [])
+        for split in dict.fromkeys(splits):
+            files = open_files(split_files(data.path, split), self.spec.read)
+            if self.config.trainer.check_data == "full":
+                self._log(f"checking every value of the {split} split")
+                for _ in SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096)):
+                    pass  # reading validates each row group
+        rows, per_step = self.train_loader.dataset.total_rows, data.batch_size * self.ctx.world_size
+        if rows < per_step:
+            self._log(f"warning: the {data.train_split} split has {rows} rows, fewer than one step's "
+                      f"{per_step} (data.batch_size x ranks): every step is a whole epoch, read again "
+                      "from disk; lower data.batch_size")
 
     def _loader(self, split: str, train: bool, head_rows: int | None = None):
         """Training: the split less the holdout. Evaluation: every row, or the split's first
@@ -253,7 +274,6 @@ class Trainer:
     def _start(self) -> None:
         """Resume from the run's newest complete checkpoint, or warm-start, or start fresh."""
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = OmegaConf.to_yaml(OmegaConf.structured(self.config))
             (self.run_dir / "config.yaml").write_text(resolved)
             record_table_sizes(self.run_dir, self.spec.id_table_sizes)
