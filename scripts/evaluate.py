@@ -34,13 +34,21 @@ def parse_args(argv=None):
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    from feedsr.runtime.checkpoint import is_complete, latest_checkpoint
+    """A step-N folder whose files verify, or a run directory's newest such checkpoint."""
+    from feedsr.runtime.checkpoint import CheckpointError, check_complete, is_complete, latest_valid_checkpoint
 
     if is_complete(path):
+        try:
+            check_complete(path)
+        except CheckpointError as e:
+            sys.exit(f"evaluate: {e}")
         return path
-    latest = latest_checkpoint(path)
+    latest, damaged = latest_valid_checkpoint(path)
+    for problem in damaged:
+        print(f"evaluate: WARNING: skipping a damaged checkpoint: {problem}", file=sys.stderr)
     if latest is None:
-        sys.exit(f"evaluate: {path} is neither a complete checkpoint nor a run directory with one")
+        sys.exit(f"evaluate: {path} is neither a complete checkpoint nor a run directory with one "
+                 "whose files verify")
     return latest
 
 

@@ -395,20 +395,26 @@ def test_diverged_update_is_never_saved_and_stops_the_run(synthetic_dir, tmp_pat
             assert all(torch.isfinite(v).all() for v in _parameters(trainer).values())
 
 
-def test_resume_errors_name_the_real_cause(synthetic_dir, tmp_path):
-    """A missing rank file used to be blamed on a world-size mismatch."""
+def test_resume_errors_name_the_real_cause(synthetic_dir, tmp_path, capsys):
+    """A missing rank file used to be blamed on a world-size mismatch. With checksums in the
+    marker it is found before loading and the run falls back to the previous checkpoint; a marker
+    written before checksums still gets the right message."""
     from feedsr.runtime.checkpoint import CheckpointError
 
     overrides = tiny_overrides(synthetic_dir, tmp_path, "damaged") + ["trainer.max_steps=2", "trainer.checkpoint_every=1"]
     run(compose(overrides))
     step2 = tmp_path / "damaged" / "checkpoints" / "step-2"
     (step2 / "rank-0.pt").unlink()
+    capsys.readouterr()
+    assert run(compose(overrides)).losses  # resumed from step 1 and redid step 2
+    assert "not resuming from a damaged checkpoint: " + str(step2 / "rank-0.pt") + " is missing" in capsys.readouterr().out
+    (step2 / "rank-0.pt").unlink()
+    (step2 / "COMPLETE").write_text("step 2, world size 1\n")  # a marker from before checksums
     with pytest.raises(CheckpointError, match=r"step-2/rank-0.pt missing: the checkpoint is damaged \(it was saved by 1 ranks"):
         run(compose(overrides))
     (step2 / "COMPLETE").write_text("step 2, world size 2\n")
     with pytest.raises(CheckpointError, match=r"step-2 was saved by 2 ranks, this run has 1; resuming needs the same"):
         run(compose(overrides))
-
 
 def test_bad_data_in_any_split_is_found_before_step_one(synthetic_dir, tmp_path, capsys):
     """NaN in the valid split or an empty valid directory surfaced only at the final validation,

@@ -6,7 +6,13 @@ Layout of one checkpoint:
                            fused sparse optimizer's state; written collectively by all ranks
     step-N/rank-R.pt       per rank: dense optimizer, step, data position, RNG states, trainer state
     step-N/COMPLETE        written last, by rank 0, after every rank finished: a folder without it
-                           (a save interrupted by a kill) is never loaded and is cleaned up later
+                           (a save interrupted by a kill) is never loaded and is cleaned up later.
+                           JSON: step, world size and the sha256 of every other file, so a
+                           corrupted or truncated file is found before it is loaded: resuming then
+                           falls back, loudly, to the newest checkpoint that verifies.
+
+A save that fails (a full disk, an unwritable file) on any rank removes its partial folder on every
+rank's word and raises CheckpointError naming the path; the previous checkpoints stay as they were.
 
 Resuming needs the same world size (each rank reloads its own rank-R.pt; the sharded part could be
 resharded by DCP, but the data position and RNG streams are per rank). Loading only the weights
@@ -15,6 +21,8 @@ resharded by DCP, but the data position and RNG streams are per rank). Loading o
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -25,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from feedsr.runtime.collectives import all_reduce, barrier
 from feedsr.runtime.distributed import DistContext
@@ -122,18 +131,100 @@ def save_checkpoint(run_dir: Path, step: int, model, sparse_optimizer, rank_stat
     if ctx.is_main and path.exists():  # a leftover of an interrupted save of this same step
         shutil.rmtree(path)
     barrier()
+    error = _attempt(path, lambda: _write_state(path, model, sparse_optimizer, rank_state, ctx))
+    _agree_or_remove(path, error, ctx)
+    error = _attempt(path, lambda: write_marker(path, step, ctx.world_size)) if ctx.is_main else ""
+    _agree_or_remove(path, error, ctx)
+    if ctx.is_main:
+        prune(checkpoint_root(run_dir), keep, protect)
+    barrier()
+    return path
+
+
+def _write_state(path: Path, model, sparse_optimizer, rank_state: dict, ctx: DistContext) -> None:
     dcp.save(sharded_state(model, sparse_optimizer), checkpoint_id=path / "sharded")
     tmp = path / f"rank-{ctx.rank}.pt.tmp"
     torch.save(rank_state | {"rank": ctx.rank, "world_size": ctx.world_size, "rng": rng_state()}, tmp)
     os.replace(tmp, path / f"rank-{ctx.rank}.pt")
-    barrier()
+
+
+def _attempt(path: Path, write) -> str:
+    """'' if ``write()`` succeeds, else what went wrong, naming ``path`` (a full disk says so)."""
+    try:
+        write()
+        return ""
+    except (OSError, CheckpointException, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        if "No space left" in str(e) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            reason = "no space left on the device"
+        return f"{path}: {reason}"
+
+
+def _agree_or_remove(path: Path, error: str, ctx: DistContext) -> None:
+    """A collective: if any rank failed, remove the partial checkpoint and raise on every rank."""
+    if not int(all_reduce(torch.tensor([int(bool(error))]))):
+        return
     if ctx.is_main:
-        marker = path / (COMPLETE + ".tmp")
-        marker.write_text(f"step {step}, world size {ctx.world_size}\n")
-        os.replace(marker, path / COMPLETE)
-        prune(checkpoint_root(run_dir), keep, protect)
+        shutil.rmtree(path, ignore_errors=True)
     barrier()
-    return path
+    raise CheckpointError(f"saving failed: {error or 'another rank could not write its part'}; the "
+                          f"partial {path.name} was removed and the older checkpoints are unchanged")
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder but its marker (relative path -> hex)."""
+    path, digests = Path(path), {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE)):
+        with open(file, "rb") as f:
+            digests[str(file.relative_to(path))] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def write_marker(path: Path, step: int, world_size: int) -> None:
+    """COMPLETE, written last and atomically: the folder is whole, with its files' checksums."""
+    marker = Path(path) / (COMPLETE + ".tmp")
+    record = {"step": step, "world_size": world_size, "sha256": file_digests(path)}
+    marker.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(marker, Path(path) / COMPLETE)
+
+
+def read_marker(path: Path) -> dict | None:
+    """The marker's record; ``{"world_size": W}`` for a marker from before checksums ("step N,
+    world size W"); None if unreadable."""
+    text = (Path(path) / COMPLETE).read_text(errors="replace")
+    try:
+        record = json.loads(text)
+        return record if isinstance(record, dict) else None
+    except json.JSONDecodeError:
+        match = re.fullmatch(r"step \d+, world size (\d+)\s*", text)
+        return {"world_size": int(match.group(1))} if match else None
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint's files match its marker; else what is wrong, naming the file."""
+    path = Path(path)
+    record = read_marker(path)
+    if record is None:
+        return f"{path / COMPLETE} is unreadable"
+    found = file_digests(path)
+    for name, digest in record.get("sha256", {}).items():
+        if name not in found:
+            return f"{path / name} is missing"
+        if found[name] != digest:
+            return f"{path / name} does not match its checksum (corrupted or truncated)"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint that verifies, and what was wrong with newer ones."""
+    problems = []
+    for _, path in reversed(_step_dirs(checkpoint_root(run_dir))):
+        if is_complete(path):
+            problem = verify(path)
+            if problem is None:
+                return path, problems
+            problems.append(problem)
+    return None, problems
 
 
 TABLE_SIZES = "table_sizes.json"  # in the run directory: the rows of every embedding table
@@ -185,13 +276,16 @@ def prune(root: Path, keep: int, protect: int | None = None) -> None:
 
 
 def check_complete(path: Path) -> None:
-    """CheckpointError naming ``path`` unless it is a complete checkpoint."""
+    """CheckpointError naming ``path`` unless it is a complete checkpoint whose files verify."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker: an "
                               "interrupted save, or not a step-N folder)")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"{path}: cannot be used: {problem}")
 
 
 def load_sharded(path: Path, model, sparse_optimizer) -> None:
@@ -206,10 +300,9 @@ def load_sharded(path: Path, model, sparse_optimizer) -> None:
 
 
 def saved_world_size(path: Path) -> int | None:
-    """The world size a complete checkpoint's marker records ("step N, world size W")."""
-    marker = (Path(path) / COMPLETE).read_text() if is_complete(path) else ""
-    match = re.search(r"world size (\d+)", marker)
-    return int(match.group(1)) if match else None
+    """The world size a complete checkpoint's marker records."""
+    record = read_marker(path) if is_complete(path) else None
+    return record.get("world_size") if record else None
 
 
 def load_rank_state(path: Path, ctx: DistContext) -> dict:

@@ -41,7 +41,7 @@ from feedsr.runtime.checkpoint import (
     check_writable_root,
     checkpoint_path,
     is_complete,
-    latest_checkpoint,
+    latest_valid_checkpoint,
     load_rank_state,
     load_sharded,
     record_table_sizes,
@@ -128,7 +128,9 @@ class Trainer:
         self.config, self.ctx = config, ctx
         cfg = config
         self.run_dir = Path(cfg.output_root) / cfg.run_id
-        self.resume_from = latest_checkpoint(self.run_dir)
+        self.resume_from, damaged = latest_valid_checkpoint(self.run_dir)
+        for problem in damaged:  # every rank finds the same; rank 0 says it
+            self._log(f"WARNING: not resuming from a damaged checkpoint: {problem}")
         self._check_resumed_config()
         check_writable_root(self.run_dir, ctx.rank)  # now, not at the first save; every rank checks
         if cfg.trainer.init_from and self.resume_from is None:

@@ -1,0 +1,76 @@
+"""Checkpoints that cannot be trusted are never used, and a failed save loses nothing: corrupted,
+truncated or missing files are found by their checksums before loading, and a full disk during a
+save leaves the older checkpoints as they were. Real runs, real files, a real full filesystem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose, tiny_overrides
+from feedsr.runtime.checkpoint import CheckpointError, checkpoint_path, latest_valid_checkpoint, verify
+from feedsr.train.trainer import run
+
+
+def _damage(path: Path, how: str) -> Path:
+    """Damage the largest file of a checkpoint folder; returns it."""
+    target = max((p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE"), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01  # one bit
+        target.write_bytes(bytes(data))
+    elif how == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        target.unlink()
+    return target
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_damaged_checkpoint_is_found_and_the_run_falls_back(synthetic_dir, tmp_path, capsys, how):
+    settings = ["trainer.checkpoint_every=1", "trainer.keep_checkpoints=3", "model.dropout=0.1",
+                "trainer.max_steps=4"]
+    straight = run(compose(tiny_overrides(synthetic_dir, tmp_path, "straight") + settings))
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "run") + settings
+    run(compose(overrides))
+    damaged = _damage(checkpoint_path(tmp_path / "run", 4), how)
+    assert verify(checkpoint_path(tmp_path / "run", 4)) is not None
+    capsys.readouterr()
+    resumed = run(compose(overrides))
+    out = capsys.readouterr().out
+    assert f"WARNING: not resuming from a damaged checkpoint: {damaged}" in out
+    assert "step-3 at step 3" in out
+    assert resumed.losses == straight.losses[3:]  # step 4 again, exactly as uninterrupted
+    # evaluation refuses the damaged folder by name (it was re-saved by the resumed run: damage it again)
+    again = _damage(checkpoint_path(tmp_path / "run", 4), how)
+    out = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint",
+                          str(checkpoint_path(tmp_path / "run", 4))], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and str(again) in out.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.4 MB filesystem: room for two or three checkpoints of the tiny model, not more."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_a_save_loses_nothing(synthetic_dir, tmp_path, small_disk):
+    overrides = tiny_overrides(synthetic_dir, small_disk, "full") + [
+        "trainer.max_steps=30", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5"]
+    with pytest.raises(CheckpointError, match=r"saving failed: .*step-(\d+): no space left on the device; "
+                                              r"the partial step-\d+ was removed") as err:
+        run(compose(overrides))
+    failed = int(str(err.value).split("step-")[1].split(":")[0])
+    run_dir = small_disk / "full"
+    assert not checkpoint_path(run_dir, failed).exists()  # the partial folder is gone
+    newest, problems = latest_valid_checkpoint(run_dir)
+    assert newest == checkpoint_path(run_dir, failed - 1) and problems == []  # and the rest verifies
