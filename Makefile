@@ -7,7 +7,7 @@ DATA ?= data/synthetic
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-slow data kuairand bench-kuairand bench-reader clean
+.PHONY: help setup train test test-slow data kuairand kuairand-prepared bench-kuairand bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ data: $(STAMP) ## generate the synthetic dataset (20k members) into data/synthet
 kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (temporal split, pre-window history)
 	$(PY) scripts/prepare_kuairand.py --src ../shared/data/kuairand --out data/kuairand \
 		--train-end 20220502 --valid-end 20220505 --pre-history
+
+kuairand-prepared: $(STAMP) ## the same log through the generic pipeline (conf/prepare/kuairand.yaml) into data/kuairand_prepared
+	$(PY) -m feedsr.prepare prepare=kuairand prepare.out=data/kuairand_prepared
 
 bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 + ablations, 3 seeds (docs/benchmarks.md)
 	$(PY) scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \

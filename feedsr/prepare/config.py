@@ -73,7 +73,7 @@ class SideTableConfig:
     time.unit, for the ``item_age`` feature).
     """
 
-    path: str = MISSING
+    path: str = MISSING  # a file, or a DuckDB query (SELECT/WITH/FROM ...) computing columns
     key: str = MISSING
     numeric: list[str] = field(default_factory=list)
     categorical: list[str] = field(default_factory=list)
@@ -167,7 +167,7 @@ class EngineConfig:
 @dataclass
 class PrepareConfig:
     name: str = "custom"  # dataset.json "source"
-    logs: list[str] = MISSING  # Parquet or CSV paths (globs allowed), same columns
+    logs: list[str] = MISSING  # Parquet or CSV paths (globs allowed) or DuckDB queries, same columns
     out: str = MISSING
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     time: TimeConfig = field(default_factory=TimeConfig)

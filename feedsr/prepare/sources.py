@@ -17,6 +17,7 @@ CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 # Plausible impression times: a timestamp read in the configured unit must fall in these years,
 # which is what tells seconds from milliseconds (1.6e9 s is 2020; 1.6e9 ms is January 1970).
 PLAUSIBLE_YEARS = (1990, 2100)
+QUERY_WORDS = ("SELECT", "WITH", "FROM")
 
 
 def quote(name: str) -> str:
@@ -24,8 +25,18 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def is_query(source: str) -> bool:
+    """Whether a source is a DuckDB query rather than a file path (see ``source_sql``)."""
+    words = source.split(None, 1)
+    return len(words) == 2 and words[0].upper() in QUERY_WORDS
+
+
 def source_sql(path: str) -> str:
-    """A DuckDB table function reading ``path``: CSV by its suffix, Parquet otherwise."""
+    """What DuckDB reads for a source: a file path (CSV by its suffix, Parquet otherwise), or a
+    query starting with SELECT, WITH or FROM, for columns a file lacks (a side table's first tag,
+    a date string as epoch time) or rows to keep; checks and errors treat it like a file."""
+    if is_query(path):
+        return f"({path})"
     literal = "'" + path.replace("'", "''") + "'"
     if path.lower().endswith(CSV_SUFFIXES):
         return f"read_csv({literal})"
