@@ -164,6 +164,25 @@ def test_timestamps_going_backwards(tmp_path):
     expect("row 1 \\(of the file\\): column 'timestamps' decreases", read_all, path)
 
 
+def test_negative_timestamps(tmp_path):
+    table = random_rows(6, 0)
+    rows = table.to_pylist()
+    rows[2]["timestamps"] = [-5] + rows[2]["timestamps"][1:]
+    path = tmp_path / "x.parquet"
+    write_sequences(pa.Table.from_pylist(rows, schema=table.schema), path, ACTIONS)
+    expect("row 2 \\(of the file\\): column 'timestamps' is negative", read_all, path)
+
+
+def test_file_without_action_names_is_read_with_a_warning(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "part-0000.parquet"
+    pq.write_table(random_rows(5, 0), path)  # no feedsr metadata: written by another tool
+    with pytest.warns(UserWarning, match="part-0000.parquet: no feedsr.action_names metadata; its "
+                                         "action_bits are read as \\['click', 'like', 'share'\\]"):
+        read_all(path)
+
+
 def test_nulls(tmp_path):
     table = random_rows(4, 0)
     nulled = pa.array([1, None, 3, 4], pa.int64())

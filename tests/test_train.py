@@ -461,3 +461,12 @@ def test_unwritable_checkpoint_directory_is_found_at_start(synthetic_dir, tmp_pa
     blocker.write_text("not a directory")
     with pytest.raises(CheckpointError, match=r"a_file/blocked/checkpoints: cannot write checkpoints there"):
         run(compose(tiny_overrides(synthetic_dir, blocker, "blocked") + ["trainer.max_steps=1"]))
+
+
+def test_restart_after_the_final_validation_writes_it_once(synthetic_dir, tmp_path):
+    """A run killed after its final validation was written redoes it on restart: one line per step."""
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "final") + ["trainer.max_steps=3", "trainer.evaluate_test=true"]
+    run(compose(overrides))
+    run(compose(overrides))  # as if restarted after a kill during the test evaluation
+    assert _steps(tmp_path / "final" / "valid_metrics.jsonl") == [3]
+    assert _steps(tmp_path / "final" / "test_metrics.jsonl") == [3]

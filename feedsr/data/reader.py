@@ -25,6 +25,7 @@ Resuming at batch n of an epoch replays the plan and drops the first n batches b
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -107,7 +108,10 @@ def open_file(path: str | Path, spec: ReadSpec) -> FileInfo:
     schema = meta.schema.to_arrow_schema()
     check_schema(path, schema, spec.columns)
     names = file_action_names(schema)
-    if names is not None and tuple(names) != spec.action_names:
+    if names is None:  # written by another tool (Spark, DuckDB): nothing to check the bits against
+        warnings.warn(f"{path}: no feedsr.action_names metadata; its action_bits are read as "
+                      f"{list(spec.action_names)} (bit i = action i)", stacklevel=2)
+    elif tuple(names) != spec.action_names:
         raise DataError(
             f"{path}: file's action names {names} differ from the config's {list(spec.action_names)}"
         )
@@ -213,6 +217,8 @@ def validate_block(
                for a in spec.true_probs]
     checks.append(("column 'timestamps' decreases (impressions must be oldest first)",
                    block.time_goes_back()))
+    checks.append(("column 'timestamps' is negative (seconds since 1970 expected; milliseconds or "
+                   "a shifted clock?)", v["timestamps"] < 0))
     for message, bad_elems in checks:
         if bad_elems.any():
             raise DataError(f"{where(_row_of(block, bad_elems))}: {message}")

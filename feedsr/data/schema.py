@@ -52,7 +52,7 @@ SEQUENCE_COLUMNS: tuple[Column, ...] = (
     Column("member_id", "int", False, "member (user) id, >= 0"),
     Column("item_ids", "int", True, "post id per impression, >= 0 (hashed into the table size)"),
     Column("author_ids", "int", True, "author id per impression, >= 0"),
-    Column("timestamps", "int", True, "impression time, seconds since the epoch, non-decreasing"),
+    Column("timestamps", "int", True, "impression time, seconds since the epoch (>= 0), non-decreasing"),
     Column("positions", "int", True, "feed position, 0 = top; -1 = unknown"),
     Column("action_bits", "int", True, "multi-hot of the member's actions: bit i = action i"),
     Column("num_targets", "int", False, "how many trailing impressions are targets, 1..length"),

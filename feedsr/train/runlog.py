@@ -19,6 +19,24 @@ def append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def put(path: Path, record: dict) -> None:
+    """Append ``record``, replacing a line of the same step: a run killed after its final
+    validation was written redoes that validation when restarted."""
+    if path.exists():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _step_of(line) != record["step"]]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
+    append(path, record)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def truncate(path: Path, step: int) -> tuple[int, int]:
     """Keep the lines of steps <= ``step``; returns (lines dropped, of which unreadable)."""
     if not path.exists():

@@ -480,7 +480,7 @@ class Trainer:
                 for key in ("auc", "ne", "calibration"):
                     self.writer.add_scalar(f"{label}/{name}/{key}", getattr(m, key), self.state.step)
         if self.ctx.is_main:
-            runlog.append(self.run_dir / f"{label}_metrics.jsonl",
+            runlog.put(self.run_dir / f"{label}_metrics.jsonl",
                           {"step": self.state.step, "metrics": {k: m.to_dict() for k, m in metrics.items()}})
         return metrics
 
