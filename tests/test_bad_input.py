@@ -214,3 +214,13 @@ def test_bad_data_config_names_key_and_value(overrides, message):
     kw = {"action_names": ["click", "like"], "tasks": [{"name": "click"}], "id_tables": {"item_ids": 10}}
     with pytest.raises(ValueError, match=re.escape(message)):
         DataConfig(**(kw | overrides))
+
+
+def test_malformed_dataset_json_names_the_file(tmp_path):
+    """It raised a bare JSONDecodeError naming no file."""
+    from feedsr.data.sequences import read_dataset_meta
+
+    (tmp_path / "dataset.json").write_text('{"action_names": ["click", ')  # cut by a full disk
+    expect(r"dataset.json: not valid JSON \(.*\); re-make the dataset or fix the file", read_dataset_meta, tmp_path)
+    (tmp_path / "dataset.json").write_text('["click"]')
+    expect(r"dataset.json: expected a JSON object, got list", read_dataset_meta, tmp_path)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import compose, tiny_overrides
 from feedsr.data.tasks import decode_actions
 from feedsr.prepare.config import compose_prepare_config
-from feedsr.prepare.pipeline import run
+from feedsr.prepare.pipeline import member_chunks, run
 
 ACTIONS = ["click", "like", "share"]
 T0 = 1_700_000_000  # 2023-11-14, seconds
@@ -423,3 +423,32 @@ def test_several_logs_in_parquet_and_csv_give_the_same_dataset(small, tmp_path):
     run(two)
     assert output_features(tmp_path / "two") == output_features(tmp_path / "one")
     assert (tmp_path / "two" / "vocab.json").read_text() == (tmp_path / "one" / "vocab.json").read_text()
+
+
+def test_many_small_chunks_give_the_same_dataset_as_one(small, tmp_path, capsys):
+    """The write step streams whole members out of DuckDB in chunks: files, ids and counts must
+    not depend on the chunk size, rows_per_file included (rows wait for the next chunk)."""
+    log, log_path, items_path = small
+    ts = np.unique(log["ts"])
+    bounds = [int(ts[5]), int(ts[20]), int(ts[35]), int(ts[-3])]
+    run(config(log_path, items_path, tmp_path / "one", bounds, max_seq_len=7), chunk_rows=10**9)
+    assert capsys.readouterr().out.count("windowed") == 1
+    run(config(log_path, items_path, tmp_path / "many", bounds, max_seq_len=7), chunk_rows=5)
+    assert capsys.readouterr().out.count("windowed") == len(np.unique(log["member_id"]))  # one a member
+    listing = lambda out: sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())  # noqa: E731
+    files = listing(tmp_path / "one")
+    assert files == listing(tmp_path / "many")
+    for path in files:
+        assert (tmp_path / "many" / path).read_bytes() == (tmp_path / "one" / path).read_bytes(), path
+    members_per_file = [len(set(pq.read_table(tmp_path / "many" / p)["member_id"].to_pylist()))
+                        for p in files if p.suffix == ".parquet"]
+    assert max(members_per_file) > 1  # some file holds rows of two chunks
+
+
+def test_member_chunks_cut_between_members_only():
+    member = np.repeat([3, 5, 6, 9], [4, 1, 9, 2])
+    batches = [pa.record_batch({"member": member[i:i + 3]}) for i in range(0, len(member), 3)]
+    reader = pa.RecordBatchReader.from_batches(batches[0].schema, batches)
+    chunks = [c["member"].to_pylist() for c in member_chunks(reader, chunk_rows=2)]
+    # at least 2 rows each but the last; member 6 (9 rows) stays whole
+    assert chunks == [[3, 3, 3, 3, 5], [6] * 9, [9, 9]]

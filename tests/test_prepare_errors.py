@@ -179,3 +179,16 @@ def test_readme_example_config_is_valid(tmp_path):
     assert prepared.time.unit == "ms" and [f.kind for f in prepared.features] == [
         "action_rate", "action_count", "since_action", "session_impressions"]
     assert [s.start for s in prepared.split_list()][0] == 1650816000  # 2022-04-25 00:00 UTC+8
+
+
+def test_output_never_overwrites_a_users_directory(tmp_path):
+    """`out` pointing at a directory of the user's files is refused before any work, untouched."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-00000-c000.snappy.parquet").write_bytes(b"the user's data")
+    with pytest.raises(PrepareError, match=r"out: .*out: refusing to write a dataset into a directory feedsr "
+                                           r"did not create \(it holds part-00000-c000.snappy.parquet\)"):
+        prepare(tmp_path, log_table())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["part-00000-c000.snappy.parquet"]
+    (tmp_path / "out" / "part-00000-c000.snappy.parquet").unlink()
+    meta, _, _ = prepare(tmp_path, log_table())  # empty now: prepared, and again over its own output
+    assert prepare(tmp_path, log_table())[0]["splits"] == meta["splits"]

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from feedsr.data.block import ranges
-from feedsr.data.schema import PER_IMPRESSION_COLUMNS, column_kind, write_sequences
+from feedsr.data.schema import PER_IMPRESSION_COLUMNS, DataError, column_kind, write_sequences
 
 DATASET_META = "dataset.json"
 
@@ -74,6 +74,78 @@ def rows_table(log: dict[str, np.ndarray], starts, ends, num_targets) -> pa.Tabl
     return pa.table(columns)
 
 
+def split_rows(log: dict[str, np.ndarray], split: Split, max_seq_len: int) -> tuple[np.ndarray, ...]:
+    """The split's rows over ``log`` (flat arrays sorted by (member_id, timestamp)): (row_start,
+    row_end, num_targets), in member order, each member's oldest window first."""
+    member, ts = log["member_id"], log["timestamps"]
+    bounds = np.flatnonzero(np.diff(member)) + 1
+    m_starts = np.concatenate([[0], bounds]).astype(np.int64)
+    # Per member: index of the first impression at/after split.start and at/after split.end
+    # (the log is time-sorted within each member, so counting what lies before is enough).
+    first_target = m_starts + np.add.reduceat((ts < split.start).astype(np.int64), m_starts)
+    hist_end = m_starts + np.add.reduceat((ts < split.end).astype(np.int64), m_starts)
+    starts, ends, targets = split_windows(m_starts, first_target, hist_end, max_seq_len)
+    order = np.argsort(starts, kind="stable")
+    return starts[order], ends[order], targets[order]
+
+
+class SplitWriter:
+    """Writes one split's rows under ``out_dir/<split.name>/`` from a log that comes in chunks of
+    whole members, in member order (a log too big for memory). Files hold ``rows_per_file`` rows
+    each but the last, as if the log came at once: rows that do not fill a file wait for the next
+    chunk. ``close`` writes the rest and returns the split's counts."""
+
+    def __init__(self, out_dir: Path, split: Split, action_names: list[str], max_seq_len: int,
+                 rows_per_file: int = 8192, row_group_size: int = 512):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.split, self.action_names, self.max_seq_len = split, action_names, max_seq_len
+        self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
+        # dataset.json marks a complete dataset: drop a stale one before rewriting any split.
+        (out_dir / DATASET_META).unlink(missing_ok=True)
+        self.dir = out_dir / split.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("part-*.parquet*"):  # .tmp leftovers of a crashed write too
+            old.unlink()
+        self.files = 0
+        self.waiting: pa.Table | None = None  # fewer than rows_per_file rows, for the next file
+        self.counts = {"rows": 0, "members": 0, "targets": 0, "impressions": 0}
+
+    def add(self, log: dict[str, np.ndarray]) -> None:
+        """Window a chunk of the log (whole members, after those of earlier chunks) and write it."""
+        if len(log["member_id"]) == 0:
+            raise ValueError(f"split '{self.split.name}': the impression log is empty")
+        starts, ends, targets = split_rows(log, self.split, self.max_seq_len)
+        self.counts["rows"] += len(starts)
+        self.counts["members"] += len(np.unique(log["member_id"][starts]))
+        self.counts["targets"] += int(targets.sum())
+        self.counts["impressions"] += int((ends - starts).sum())
+        waiting = 0 if self.waiting is None else self.waiting.num_rows
+        cuts = [0, *range(self.rows_per_file - waiting, len(starts), self.rows_per_file), len(starts)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            if hi > lo:
+                self._file_or_wait(rows_table(log, starts[lo:hi], ends[lo:hi], targets[lo:hi]))
+
+    def _file_or_wait(self, table: pa.Table) -> None:
+        if self.waiting is not None:
+            table, self.waiting = pa.concat_tables([self.waiting, table]), None
+        if table.num_rows < self.rows_per_file:
+            self.waiting = table
+        else:
+            self._write(table)
+
+    def _write(self, table: pa.Table) -> None:
+        path = self.dir / f"part-{self.files:05d}.parquet"
+        write_sequences(table, path, self.action_names, self.row_group_size)
+        self.files += 1
+
+    def close(self) -> dict:
+        if self.waiting is not None:
+            self._write(self.waiting)
+            self.waiting = None
+        return self.counts | {"start": int(self.split.start), "end": int(self.split.end)}
+
+
 def write_split(
     out_dir: Path,
     log: dict[str, np.ndarray],
@@ -88,38 +160,9 @@ def write_split(
     ``log`` holds flat per-impression arrays sorted by (member_id, timestamp), including
     ``member_id`` and ``timestamps``.
     """
-    if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    if len(log["member_id"]) == 0:
-        raise ValueError(f"split '{split.name}': the impression log is empty")
-    # dataset.json marks a complete dataset: drop a stale one before rewriting any split.
-    (out_dir / DATASET_META).unlink(missing_ok=True)
-    member, ts = log["member_id"], log["timestamps"]
-    bounds = np.flatnonzero(np.diff(member)) + 1
-    m_starts = np.concatenate([[0], bounds]).astype(np.int64)
-    # Per member: index of the first impression at/after split.start and at/after split.end
-    # (the log is time-sorted within each member, so counting what lies before is enough).
-    first_target = m_starts + np.add.reduceat((ts < split.start).astype(np.int64), m_starts)
-    hist_end = m_starts + np.add.reduceat((ts < split.end).astype(np.int64), m_starts)
-    starts, ends, targets = split_windows(m_starts, first_target, hist_end, max_seq_len)
-    split_dir = out_dir / split.name
-    split_dir.mkdir(parents=True, exist_ok=True)
-    for old in split_dir.glob("part-*.parquet*"):  # .tmp leftovers of a crashed write too
-        old.unlink()
-    order = np.argsort(starts, kind="stable")  # member order, oldest window first
-    starts, ends, targets = starts[order], ends[order], targets[order]
-    for f, lo in enumerate(range(0, len(starts), rows_per_file)):
-        hi = lo + rows_per_file
-        table = rows_table(log, starts[lo:hi], ends[lo:hi], targets[lo:hi])
-        write_sequences(table, split_dir / f"part-{f:05d}.parquet", action_names, row_group_size)
-    return {
-        "rows": int(len(starts)),
-        "members": int(len(np.unique(member[starts]))) if len(starts) else 0,
-        "targets": int(targets.sum()),
-        "impressions": int((ends - starts).sum()),
-        "start": int(split.start),
-        "end": int(split.end),
-    }
+    writer = SplitWriter(out_dir, split, action_names, max_seq_len, rows_per_file, row_group_size)
+    writer.add(log)
+    return writer.close()
 
 
 def write_dataset_meta(out_dir: Path, meta: dict) -> None:
@@ -130,8 +173,17 @@ def write_dataset_meta(out_dir: Path, meta: dict) -> None:
 
 
 def read_dataset_meta(data_dir: str | Path) -> dict | None:
+    """The dataset's dataset.json, None if there is none; DataError naming it if unreadable."""
     path = Path(data_dir) / DATASET_META
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-make the dataset or fix the file") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def check_log(log: dict[str, np.ndarray]) -> None:

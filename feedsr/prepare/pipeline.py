@@ -7,16 +7,22 @@ Steps, each a function below:
 3. build ``events``: one row per impression with its roles (member, item, author, raw time ``t``,
    position, ``act_<action>`` 0/1, ``cat_<name>`` raw values), the side tables joined on, and
    sessions when a feature needs them;
-4. add the point-in-time features (feedsr/prepare/features.py) over all events, then keep those
-   before the last split boundary, sorted by (member, time);
-5. in numpy: dense id vocabularies from the training window (the first split and the history
-   before it; 0 = unknown), action bits, whole-second timestamps; then the existing windowing
-   (``feedsr.data.sequences.write_split``) writes each split and ``dataset.json`` comes last.
+4. dense id vocabularies from the training window (the first split and the history before it;
+   0 = unknown), one DISTINCT query per id column;
+5. add the point-in-time features (feedsr/prepare/features.py) over all events, then keep those
+   before the last split boundary, sorted by (member, time), streamed out of DuckDB;
+6. per chunk of whole members (about ``chunk_rows`` impressions), in numpy: ids through the
+   vocabularies, action bits, whole-second timestamps; then the existing windowing
+   (``feedsr.data.sequences.SplitWriter``) appends each split's rows, and ``dataset.json`` comes last.
+
+Only step 6 holds impressions in Python, one chunk at a time: DuckDB keeps the rest within
+``engine.memory_limit`` and spills beyond it, so memory does not grow with the log.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -24,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION
-from feedsr.data.sequences import DATASET_META, check_log, write_dataset_meta, write_split
+from feedsr.data.output import claim
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION, DataError
+from feedsr.data.sequences import DATASET_META, SplitWriter, check_log, write_dataset_meta
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
 from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
@@ -35,6 +42,11 @@ from feedsr.prepare.sources import check_logs, check_side_table, column_types, q
 SIDE_JOINS = {"item_table": ("it", "item"), "member_table": ("mt", "member")}  # SQL alias, log role joined on
 # dataset.json names of the id columns that get a vocabulary, besides the cat_ columns.
 ID_ROLES = {"item_ids": "item", "author_ids": "author"}
+# Impressions converted in Python at a time (whole members, so a chunk can exceed it by one
+# member's history and a batch): a million rows of ~50 columns of 4-8 bytes are ~0.3 GB in numpy,
+# as much again in Arrow; small enough beside DuckDB's memory_limit, big enough for numpy speed.
+CHUNK_ROWS = 1_000_000
+BATCH_ROWS = 65_536  # rows per Arrow batch streamed out of DuckDB
 
 
 class Progress:
@@ -106,12 +118,56 @@ def build_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> None:
     con.execute(f"CREATE TABLE events AS {sql}")
 
 
-def featured_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int) -> pa.Table:
-    """The events with their features, before ``end_second``, sorted by (member, time)."""
+def vocab_sources(cfg: PrepareConfig) -> dict[str, str]:
+    """dataset.json id column -> the events column it encodes."""
+    return dict(ID_ROLES) | {CATEGORICAL_PREFIX + n: CATEGORICAL_PREFIX + n for n in cfg.categorical_names()}
+
+
+def build_vocabs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, train_end: int) -> dict[str, np.ndarray]:
+    """Per id column, the vocabulary of its known values in the training window (``t`` before the
+    first split's end), computed by DuckDB so that no impression reaches Python."""
+    end = train_end * cfg.time_unit()
+    vocabs = {}
+    for column, source in vocab_sources(cfg).items():
+        values = con.sql(f"SELECT DISTINCT {quote(source)} AS v FROM events "
+                         f"WHERE t < {end} AND {quote(source)} IS NOT NULL").to_arrow_table()["v"]
+        vocabs[column] = build_vocab(values.to_numpy(zero_copy_only=False))
+    return vocabs
+
+
+def count_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int) -> int:
+    [(n,)] = con.sql(f"SELECT count(*) FROM events WHERE t < {end_second * cfg.time_unit()}").fetchall()
+    return n
+
+
+def featured_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int,
+                    batch_rows: int) -> pa.RecordBatchReader:
+    """The events with their features, before ``end_second``, sorted by (member, time), as a
+    stream (DuckDB computes the features and sorts before the first batch)."""
     end = end_second * cfg.time_unit()
     query = (f"SELECT * FROM ({feature_sql(cfg, 'events')}) WHERE t < {end} "
              f"ORDER BY member, t, rid")
-    return con.sql(query).to_arrow_table()
+    return con.sql(query).to_arrow_reader(batch_rows)
+
+
+def member_chunks(batches: pa.RecordBatchReader, chunk_rows: int) -> Iterator[pa.Table]:
+    """The stream (sorted by member) cut into tables of whole members, each of at least
+    ``chunk_rows`` rows but the last; the rows of the member a cut would split wait for the next."""
+    held, rows = [], 0
+    for batch in batches:
+        held.append(batch)
+        rows += batch.num_rows
+        if rows < chunk_rows:
+            continue
+        table = pa.Table.from_batches(held, batches.schema)
+        member = table["member"].to_numpy()
+        cut = len(member) - int(np.argmax(member[::-1] != member[-1]))  # the last member's first row
+        if cut < len(member):  # else one member so far: read on
+            yield table.slice(0, cut)
+            rest = table.slice(cut)
+            held, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(held, batches.schema)
 
 
 def as_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,44 +177,61 @@ def as_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return pc.fill_null(column, filler).to_numpy(zero_copy_only=False), known
 
 
-def dense_ids(table: pa.Table, train: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Per id column (item_ids, author_ids, cat_*): dense ids 1..V over the known values of the
-    training rows (0 = null or unseen in training), and the raw values in id order."""
-    sources = dict(ID_ROLES) | {c: c for c in table.column_names if c.startswith(CATEGORICAL_PREFIX)}
-    ids, vocabs = {}, {}
-    for column, source in sources.items():
-        values, known = as_values(table[source])
-        vocab = build_vocab(values[known & train])
+def dense_ids(table: pa.Table, vocabs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per id column: 1 + the value's index in its vocabulary; 0 where it is null or unseen in
+    training."""
+    ids = {}
+    for column, vocab in vocabs.items():
+        values, known = as_values(table[ID_ROLES.get(column, column)])
         ids[column] = np.where(known, apply_vocab(vocab, values), UNKNOWN_ID)
-        vocabs[column] = vocab.tolist()
-    return ids, vocabs
+    return ids
 
 
-def to_log(table: pa.Table, cfg: PrepareConfig, train_end: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The flat feedsr log (feedsr.data.sequences) of the featured events, and the vocabularies."""
-    seconds = np.floor_divide(table["t"].to_numpy(), cfg.time_unit())
-    ids, vocabs = dense_ids(table, seconds < train_end)
+def to_log(table: pa.Table, cfg: PrepareConfig, vocabs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The flat feedsr log (feedsr.data.sequences) of a chunk of featured events."""
+    ids = dense_ids(table, vocabs)
     acts = np.stack([table["act_" + a].to_numpy() for a in cfg.columns.actions], axis=1)
     log = {
         "member_id": table["member"].to_numpy().astype(np.int64),
         "item_ids": ids.pop("item_ids"),
         "author_ids": ids.pop("author_ids"),
-        "timestamps": seconds.astype(np.int64),
+        "timestamps": np.floor_divide(table["t"].to_numpy(), cfg.time_unit()).astype(np.int64),
         "positions": table["position"].to_numpy().astype(np.int64),
         "action_bits": encode_actions(acts),
     }
     log |= ids
     for name in cfg.context_names():
         log[CONTEXT_PREFIX + name] = table[CONTEXT_PREFIX + name].to_numpy().astype(np.float32)
-    return log, vocabs
+    return log
 
 
-def run(cfg) -> dict:
+def write_splits(out: Path, chunks: Iterator[pa.Table], cfg: PrepareConfig, vocabs: dict[str, np.ndarray],
+                 progress: Progress) -> dict[str, dict]:
+    """Window every chunk into every split; return the splits' counts."""
+    writers = [SplitWriter(out, split, list(cfg.columns.actions), cfg.max_seq_len, cfg.rows_per_file)
+               for split in cfg.split_list()]
+    done = 0
+    for table in chunks:
+        log = to_log(table, cfg, vocabs)
+        check_log(log)
+        for writer in writers:
+            writer.add(log)
+        done += len(log["member_id"])
+        progress(f"windowed {done} impressions")
+    return {writer.split.name: writer.close() for writer in writers}
+
+
+def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
     """Prepare the dataset of a composed config (DictConfig, dict or PrepareConfig); return its
-    dataset.json. Raises PrepareError naming the key, file or column for bad config or input."""
+    dataset.json. Raises PrepareError naming the key, file or column for bad config or input.
+    ``chunk_rows``: impressions windowed at a time (the output does not depend on it)."""
     cfg = to_prepare_config(cfg)
     splits = cfg.split_list()
     out, progress = Path(cfg.out), Progress()
+    try:
+        claim(out)  # before any work: a new, empty or feedsr-made directory, never a user's files
+    except DataError as e:
+        raise PrepareError(f"out: {e}") from None
     con = connect(cfg)
     total = check_logs(con, cfg)
     log_types = column_types(con, cfg.logs[0])
@@ -170,23 +243,22 @@ def run(cfg) -> dict:
     duplicates = load_logs(con, cfg, total)
     progress(f"dropped {duplicates} exact duplicate rows")
     build_events(con, cfg)
-    progress("built events (side tables joined)")
-    table = featured_events(con, cfg, splits[-1].end)
-    if table.num_rows == 0:
+    impressions = count_events(con, cfg, splits[-1].end)
+    if impressions == 0:
         raise PrepareError(f"{cfg.logs}: no impressions before the last split boundary "
                            f"{cfg.splits.boundaries[-1]} (splits.boundaries; time.unit '{cfg.time.unit}')")
-    progress(f"computed {len(cfg.features)} point-in-time features for {table.num_rows} impressions")
-    log, vocabs = to_log(table, cfg, splits[0].end)
-    del table
-    check_log(log)
-    (out / DATASET_META).unlink(missing_ok=True)  # its presence must keep meaning "complete"
-    counts = {}
-    for split in splits:
-        counts[split.name] = write_split(out, log, split, list(cfg.columns.actions), cfg.max_seq_len,
-                                         rows_per_file=cfg.rows_per_file)
-        progress(f"wrote {split.name}: {counts[split.name]}")
-    write_vocabs(out, vocabs)
-    meta = dataset_meta(cfg, counts, vocabs, duplicates)
+    progress("built events (side tables joined)")
+    vocabs = build_vocabs(con, cfg, splits[0].end)
+    sizes = {column: vocab_size(vocab) for column, vocab in vocabs.items()}
+    progress(f"built vocabularies from the training window: {sizes}")
+    batches = featured_events(con, cfg, splits[-1].end, min(BATCH_ROWS, chunk_rows))
+    progress(f"computed {len(cfg.features)} point-in-time features for {impressions} impressions")
+    counts = write_splits(out, member_chunks(batches, chunk_rows), cfg, vocabs, progress)
+    for name, split_counts in counts.items():
+        progress(f"wrote {name}: {split_counts}")
+    vocab_values = {column: vocab.tolist() for column, vocab in vocabs.items()}
+    write_vocabs(out, vocab_values)
+    meta = dataset_meta(cfg, counts, vocab_values, duplicates)
     write_dataset_meta(out, meta)
     progress(f"wrote {out / DATASET_META}")
     return meta
