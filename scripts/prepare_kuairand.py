@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 from feedsr.data.kuairand import convert
+from feedsr.data.schema import DataError
 from feedsr.data.vocab import VOCAB_SIZES
 
 
@@ -58,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
-    meta = convert(args.src, args.out, args.train_end, args.valid_end, args.test_end,
-                   extra_logs=args.logs, max_seq_len=args.max_seq_len, members=args.members,
-                   pre_history=args.pre_history)
+    try:
+        meta = convert(args.src, args.out, args.train_end, args.valid_end, args.test_end,
+                       extra_logs=args.logs, max_seq_len=args.max_seq_len, members=args.members,
+                       pre_history=args.pre_history)
+    except DataError as e:  # a refused output directory, a bad input: one line naming it
+        sys.exit(f"prepare_kuairand: {e}")
     print_summary(meta, args.out, time.perf_counter() - start)
 
 

@@ -74,3 +74,17 @@ def test_full_disk_during_a_save_loses_nothing(synthetic_dir, tmp_path, small_di
     assert not checkpoint_path(run_dir, failed).exists()  # the partial folder is gone
     newest, problems = latest_valid_checkpoint(run_dir)
     assert newest == checkpoint_path(run_dir, failed - 1) and problems == []  # and the rest verifies
+
+
+def test_torch_saves_short_write_on_a_full_disk_is_named_as_such(small_disk):
+    """torch.save reports a full disk as a RuntimeError without an error code ("unexpected pos");
+    the message used to pass that through instead of saying the disk was full."""
+    import torch
+
+    from feedsr.runtime.checkpoint import _attempt
+
+    folder = small_disk / "step-1"
+    folder.mkdir()
+    (small_disk / "filler").write_bytes(b"\0" * (1400 * 1024 - 300 * 1024))  # leave ~300 kB
+    error = _attempt(folder, lambda: torch.save(torch.zeros(200_000), folder / "rank-0.pt"))  # 800 kB
+    assert error == f"{folder}: no space left on the device"

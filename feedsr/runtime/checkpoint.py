@@ -154,10 +154,21 @@ def _attempt(path: Path, write) -> str:
         write()
         return ""
     except (OSError, CheckpointException, RuntimeError) as e:
+        if _disk_full(e, path):
+            return f"{path}: no space left on the device"
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        if "No space left" in str(e) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
-            reason = "no space left on the device"
         return f"{path}: {reason}"
+
+
+def _disk_full(e: Exception, path: Path) -> bool:
+    """ENOSPC; or torch.save's short write ("unexpected pos ..."), a RuntimeError without an error
+    code, on a device that the partial checkpoint has left with next to no free space."""
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _agree_or_remove(path: Path, error: str, ctx: DistContext) -> None:
