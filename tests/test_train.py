@@ -470,3 +470,34 @@ def test_restart_after_the_final_validation_writes_it_once(synthetic_dir, tmp_pa
     run(compose(overrides))  # as if restarted after a kill during the test evaluation
     assert _steps(tmp_path / "final" / "valid_metrics.jsonl") == [3]
     assert _steps(tmp_path / "final" / "test_metrics.jsonl") == [3]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_loader_worker_dies_with_a_killed_trainer(synthetic_dir, tmp_path):
+    """After a SIGKILL of the trainer its loader worker lingered up to 15 s."""
+    cmd = _train_cmd(synthetic_dir, tmp_path, "orphan", 100000)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "orphan" / "train_log.jsonl").exists():  # training, so the worker runs
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "no loader worker found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and (Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]
+    assert not alive, f"loader workers {alive} outlived the trainer"

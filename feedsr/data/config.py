@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from feedsr.data.sequences import read_dataset_meta
 from feedsr.data.output import check_writable
 from feedsr.data.vocab import VOCAB_SIZES, collision_rate, table_sizes
 from feedsr.data.tasks import Task, build_tasks
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal this process gets when its parent dies
 
 
 @dataclass
@@ -219,5 +225,18 @@ def build_loader(
     return DataLoader(
         reader, batch_size=None, num_workers=cfg.num_workers,
         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=exit_with_parent,
     )
+
+
+def exit_with_parent(worker_id: int) -> None:
+    """Loader workers die with the process that reads from them (Linux): a SIGKILLed trainer cannot
+    stop them, and PyTorch's own check notices a dead parent only every few seconds, so they
+    lingered up to 15 s and could print a stray EOFError into the restarted run's output."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(0)
