@@ -242,13 +242,15 @@ def each_feature(n: int, work: Path, memory_limit: str) -> dict[str, float]:
 
     from feedsr.prepare.config import to_prepare_config
     from feedsr.prepare.features import feature_sql
-    from feedsr.prepare.pipeline import build_events, connect, load_logs
+    from feedsr.prepare.engine import DuckDBEngine
+    from feedsr.prepare.pipeline import build_events, load_logs
 
     generate(work, n)
     cfg = to_prepare_config(prepare_config(work, memory_limit))
-    con = connect(cfg)
-    load_logs(con, cfg, n)
-    build_events(con, cfg)
+    engine = DuckDBEngine(cfg.engine)
+    load_logs(engine, cfg, n)
+    build_events(engine, cfg)
+    con = engine.con
 
     def seconds(features: list) -> float:
         sql = feature_sql(dataclasses.replace(cfg, features=features), "events")

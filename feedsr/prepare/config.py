@@ -152,13 +152,23 @@ class SplitsConfig:
                 list(self.names), "distinct, non-empty names")
 
 
+ENGINE_NAMES = ("duckdb", "spark")
+
+
 @dataclass
 class EngineConfig:
-    memory_limit: str = "4GB"  # DuckDB spills to temp_directory beyond it
-    threads: int | None = None  # null: DuckDB's choice (the machine's cores)
-    temp_directory: str | None = None  # null: DuckDB's default (<database>.tmp or .tmp)
+    """Where the SQL runs (feedsr/prepare/engine.py). ``engine=spark`` on the command line picks
+    Spark (conf/engine/spark.yaml)."""
+
+    name: str = "duckdb"  # duckdb | spark
+    memory_limit: str = "4GB"  # DuckDB spills to temp_directory beyond it; Spark: the driver's memory
+    threads: int | None = None  # null: every core
+    temp_directory: str | None = None  # spill / scratch folder; null: DuckDB's default, the system's temp
+    spark_master: str | None = None  # null: local[threads]; e.g. yarn or spark://host:7077
+    spark_conf: dict[str, str] = field(default_factory=dict)  # extra Spark settings
 
     def __post_init__(self):
+        require(self.name in ENGINE_NAMES, "engine.name", self.name, f"one of {list(ENGINE_NAMES)}")
         require(re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.memory_limit) is not None, "engine.memory_limit",
                 self.memory_limit, "a size such as 512MB or 8GB")
         require(self.threads is None or self.threads >= 1, "engine.threads", self.threads, ">= 1 or null")

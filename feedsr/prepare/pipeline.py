@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,8 +35,9 @@ from feedsr.data.sequences import DATASET_META, SplitWriter, check_log, write_da
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
 from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
+from feedsr.prepare.engine import connect
 from feedsr.prepare.features import feature_sql, needs_sessions, session_sql
-from feedsr.prepare.sources import check_logs, check_side_table, column_types, quote, source_sql
+from feedsr.prepare.sources import check_logs, check_side_table, quote
 
 SIDE_JOINS = {"item_table": ("it", "item"), "member_table": ("mt", "member")}  # SQL alias, log role joined on
 # dataset.json names of the id columns that get a vocabulary, besides the cat_ columns.
@@ -59,46 +59,38 @@ class Progress:
         print(f"[prepare {time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
 
 
-def connect(cfg: PrepareConfig) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{cfg.engine.memory_limit}'")
-    if cfg.engine.threads is not None:
-        con.execute(f"SET threads = {cfg.engine.threads}")
-    if cfg.engine.temp_directory is not None:
-        con.execute("SET temp_directory = '" + cfg.engine.temp_directory.replace("'", "''") + "'")
-    con.execute("SET preserve_insertion_order = false")  # every step sorts or groups explicitly
-    return con
-
-
-def load_logs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, total: int) -> int:
-    """Table ``logs``: every log file, exact duplicates dropped; returns how many were dropped."""
-    union = " UNION ALL BY NAME ".join(f"SELECT * FROM {source_sql(p)}" for p in cfg.logs)
-    con.execute(f"CREATE TABLE logs AS SELECT DISTINCT * FROM ({union})")
-    (kept,) = con.execute("SELECT count(*) FROM logs").fetchone()
+def load_logs(engine, cfg: PrepareConfig, total: int) -> int:
+    """Table ``logs``: every log file, exact duplicates dropped; returns how many were dropped.
+    The files may order their columns differently: the first file's columns are read by name."""
+    columns = ", ".join(map(quote, engine.column_types(cfg.logs[0])))
+    union = " UNION ALL ".join(f"SELECT {columns} FROM {engine.source(p)}" for p in cfg.logs)
+    engine.create_table("logs", f"SELECT DISTINCT * FROM ({union}) u")
+    [(kept,)] = engine.fetch("SELECT count(*) FROM logs")
     return total - kept
 
 
-def events_sql(cfg: PrepareConfig) -> str:
+def events_sql(cfg: PrepareConfig, engine) -> str:
     """One row per impression with its roles under fixed names (see the module doc)."""
     c, log = cfg.columns, lambda column: f"l.{quote(column)}"
-    position = f"COALESCE({log(c.position)}::BIGINT, {UNKNOWN_POSITION})" if c.position else str(UNKNOWN_POSITION)
+    position = (f"COALESCE(CAST({log(c.position)} AS BIGINT), {UNKNOWN_POSITION})" if c.position
+                else f"CAST({UNKNOWN_POSITION} AS BIGINT)")
     cols = [
-        "row_number() OVER () AS rid",  # a total order's last tie-break (last_k_mean)
-        f"{log(c.member)}::BIGINT AS member", f"{log(c.item)} AS item", f"{log(c.timestamp)}::BIGINT AS t",
-        f"{author_sql(cfg)} AS author", f"{position} AS position",
+        f"{engine.dialect.row_id()} AS rid",  # unique; the last tie-break of the sorts
+        f"CAST({log(c.member)} AS BIGINT) AS member", f"{log(c.item)} AS item",
+        f"CAST({log(c.timestamp)} AS BIGINT) AS t", f"{author_sql(cfg)} AS author", f"{position} AS position",
     ]
-    cols += [f"{log(col)}::INTEGER AS {quote('act_' + a)}" for a, col in c.actions.items()]
+    cols += [f"CAST({log(col)} AS INTEGER) AS {quote('act_' + a)}" for a, col in c.actions.items()]
     cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
     joins = ""
     for role, table in cfg.side_tables().items():
         alias, on = SIDE_JOINS[role]
-        joins += (f" LEFT JOIN {source_sql(table.path)} {alias} "
+        joins += (f" LEFT JOIN {engine.source(table.path)} {alias} "
                   f"ON {log(getattr(c, on))} = {alias}.{quote(table.key)}")
         cols += [f"{alias}.{quote(col)} AS {quote('cat_' + col)}" for col in table.categorical]
-        cols += [f"COALESCE({alias}.{quote(col)}::DOUBLE, {table.fill!r}) AS {quote('ctx_' + col)}"
+        cols += [f"COALESCE(CAST({alias}.{quote(col)} AS DOUBLE), {table.fill!r}) AS {quote('ctx_' + col)}"
                  for col in table.numeric]
         if table.created is not None:
-            cols.append(f"{alias}.{quote(table.created)}::BIGINT AS created")
+            cols.append(f"CAST({alias}.{quote(table.created)} AS BIGINT) AS created")
     return f"SELECT {', '.join(cols)} FROM logs l{joins}"
 
 
@@ -108,14 +100,14 @@ def author_sql(cfg: PrepareConfig) -> str:
         return f"l.{quote(cfg.columns.author)}"
     if source == "item_table":
         return f"{SIDE_JOINS['item_table'][0]}.{quote(cfg.item_table.author)}"
-    return "NULL::BIGINT"
+    return "CAST(NULL AS BIGINT)"
 
 
-def build_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> None:
-    sql = events_sql(cfg)
+def build_events(engine, cfg: PrepareConfig) -> None:
+    sql = events_sql(cfg, engine)
     if needs_sessions(cfg):
         sql = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({sql})")
-    con.execute(f"CREATE TABLE events AS {sql}")
+    engine.create_table("events", sql)
 
 
 def vocab_sources(cfg: PrepareConfig) -> dict[str, str]:
@@ -123,31 +115,39 @@ def vocab_sources(cfg: PrepareConfig) -> dict[str, str]:
     return dict(ID_ROLES) | {CATEGORICAL_PREFIX + n: CATEGORICAL_PREFIX + n for n in cfg.categorical_names()}
 
 
-def build_vocabs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, train_end: int) -> dict[str, np.ndarray]:
+def build_vocabs(engine, cfg: PrepareConfig, train_end: int) -> dict[str, np.ndarray]:
     """Per id column, the vocabulary of its known values in the training window (``t`` before the
     first split's end), computed by DuckDB so that no impression reaches Python."""
     end = train_end * cfg.time_unit()
     vocabs = {}
     for column, source in vocab_sources(cfg).items():
-        values = con.sql(f"SELECT DISTINCT {quote(source)} AS v FROM events "
-                         f"WHERE t < {end} AND {quote(source)} IS NOT NULL").to_arrow_table()["v"]
+        values = engine.column(f"SELECT DISTINCT {quote(source)} AS v FROM events "
+                               f"WHERE t < {end} AND {quote(source)} IS NOT NULL")
         vocabs[column] = build_vocab(values.to_numpy(zero_copy_only=False))
     return vocabs
 
 
-def count_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int) -> int:
-    [(n,)] = con.sql(f"SELECT count(*) FROM events WHERE t < {end_second * cfg.time_unit()}").fetchall()
+def count_events(engine, cfg: PrepareConfig, end_second: int) -> int:
+    [(n,)] = engine.fetch(f"SELECT count(*) FROM events WHERE t < {end_second * cfg.time_unit()}")
     return n
 
 
-def featured_events(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, end_second: int,
-                    batch_rows: int) -> pa.RecordBatchReader:
-    """The events with their features, before ``end_second``, sorted by (member, time), as a
-    stream (DuckDB computes the features and sorts before the first batch)."""
+def output_order(cfg: PrepareConfig) -> str:
+    """The order of the impressions in the output: by member and time, then, so that ties in time
+    come out the same on every engine and run, by the log's own values; the row id last only
+    separates rows equal in all of these."""
+    columns = ["member", "t", "item", "position"] + [f"act_{a}" for a in cfg.columns.actions]
+    columns += [f"cat_{n}" for n in cfg.columns.categoricals]
+    return ", ".join(f"{quote(c)} NULLS LAST" for c in columns + ["rid"])
+
+
+def featured_events(engine, cfg: PrepareConfig, end_second: int, batch_rows: int) -> pa.RecordBatchReader:
+    """The events with their features, before ``end_second``, in ``output_order``, as a stream
+    (the engine computes the features and sorts before the first batch)."""
     end = end_second * cfg.time_unit()
-    query = (f"SELECT * FROM ({feature_sql(cfg, 'events')}) WHERE t < {end} "
-             f"ORDER BY member, t, rid")
-    return con.sql(query).to_arrow_reader(batch_rows)
+    query = (f"SELECT * FROM ({feature_sql(cfg, 'events', engine.dialect)}) f WHERE t < {end} "
+             f"ORDER BY {output_order(cfg)}")
+    return engine.stream(query, batch_rows)
 
 
 def member_chunks(batches: pa.RecordBatchReader, chunk_rows: int) -> Iterator[pa.Table]:
@@ -232,36 +232,46 @@ def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
         claim(out)  # before any work: a new, empty or feedsr-made directory, never a user's files
     except DataError as e:
         raise PrepareError(f"out: {e}") from None
-    con = connect(cfg)
-    total = check_logs(con, cfg)
-    log_types = column_types(con, cfg.logs[0])
-    for role, table in cfg.side_tables().items():
-        on = SIDE_JOINS[role][1]
-        column = getattr(cfg.columns, on)
-        check_side_table(con, role, table, (f"columns.{on}", column, log_types[column]))
-    progress(f"checked {len(cfg.logs)} log file(s): {total} rows")
-    duplicates = load_logs(con, cfg, total)
-    progress(f"dropped {duplicates} exact duplicate rows")
-    build_events(con, cfg)
-    impressions = count_events(con, cfg, splits[-1].end)
-    if impressions == 0:
-        raise PrepareError(f"{cfg.logs}: no impressions before the last split boundary "
-                           f"{cfg.splits.boundaries[-1]} (splits.boundaries; time.unit '{cfg.time.unit}')")
-    progress("built events (side tables joined)")
-    vocabs = build_vocabs(con, cfg, splits[0].end)
-    sizes = {column: vocab_size(vocab) for column, vocab in vocabs.items()}
-    progress(f"built vocabularies from the training window: {sizes}")
-    batches = featured_events(con, cfg, splits[-1].end, min(BATCH_ROWS, chunk_rows))
-    progress(f"computed {len(cfg.features)} point-in-time features for {impressions} impressions")
-    counts = write_splits(out, member_chunks(batches, chunk_rows), cfg, vocabs, progress)
-    for name, split_counts in counts.items():
-        progress(f"wrote {name}: {split_counts}")
+    engine = connect(cfg.engine)
+    try:
+        vocabs, counts, duplicates = prepare(engine, cfg, out, chunk_rows, progress)
+    finally:
+        engine.close()
     vocab_values = {column: vocab.tolist() for column, vocab in vocabs.items()}
     write_vocabs(out, vocab_values)
     meta = dataset_meta(cfg, counts, vocab_values, duplicates)
     write_dataset_meta(out, meta)
     progress(f"wrote {out / DATASET_META}")
     return meta
+
+
+def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Progress):
+    """Steps 1-6 on the engine; returns (vocabularies, split counts, duplicates dropped)."""
+    splits = cfg.split_list()
+    total = check_logs(engine, cfg)
+    log_types = engine.column_types(cfg.logs[0])
+    for role, table in cfg.side_tables().items():
+        on = SIDE_JOINS[role][1]
+        column = getattr(cfg.columns, on)
+        check_side_table(engine, role, table, (f"columns.{on}", column, log_types[column]))
+    progress(f"checked {len(cfg.logs)} log file(s): {total} rows")
+    duplicates = load_logs(engine, cfg, total)
+    progress(f"dropped {duplicates} exact duplicate rows")
+    build_events(engine, cfg)
+    impressions = count_events(engine, cfg, splits[-1].end)
+    if impressions == 0:
+        raise PrepareError(f"{cfg.logs}: no impressions before the last split boundary "
+                           f"{cfg.splits.boundaries[-1]} (splits.boundaries; time.unit '{cfg.time.unit}')")
+    progress("built events (side tables joined)")
+    vocabs = build_vocabs(engine, cfg, splits[0].end)
+    sizes = {column: vocab_size(vocab) for column, vocab in vocabs.items()}
+    progress(f"built vocabularies from the training window: {sizes}")
+    batches = featured_events(engine, cfg, splits[-1].end, min(BATCH_ROWS, chunk_rows))
+    progress(f"computed {len(cfg.features)} point-in-time features for {impressions} impressions")
+    counts = write_splits(out, member_chunks(batches, chunk_rows), cfg, vocabs, progress)
+    for name, split_counts in counts.items():
+        progress(f"wrote {name}: {split_counts}")
+    return vocabs, counts, duplicates
 
 
 def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, duplicates: int) -> dict:

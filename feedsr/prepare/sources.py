@@ -1,4 +1,4 @@
-"""Reading the inputs into DuckDB, and checking them first.
+"""Checking the inputs before anything reads them (on the engine, feedsr/prepare/engine.py).
 
 Every check runs per file, so an error names the file and the column (and the config key that
 named the column): a missing column, a wrong type, nulls in a key, actions other than 0/1,
@@ -9,47 +9,16 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import duckdb
-
 from feedsr.prepare.config import TIME_UNITS, PrepareConfig, PrepareError, SideTableConfig
 
-CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 # Plausible impression times: a timestamp read in the configured unit must fall in these years,
 # which is what tells seconds from milliseconds (1.6e9 s is 2020; 1.6e9 ms is January 1970).
 PLAUSIBLE_YEARS = (1990, 2100)
-QUERY_WORDS = ("SELECT", "WITH", "FROM")
 
 
 def quote(name: str) -> str:
-    """A SQL identifier, quoted."""
+    """A SQL identifier, quoted (Spark is set to read double quotes as identifiers too)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def is_query(source: str) -> bool:
-    """Whether a source is a DuckDB query rather than a file path (see ``source_sql``)."""
-    words = source.split(None, 1)
-    return len(words) == 2 and words[0].upper() in QUERY_WORDS
-
-
-def source_sql(path: str) -> str:
-    """What DuckDB reads for a source: a file path (CSV by its suffix, Parquet otherwise), or a
-    query starting with SELECT, WITH or FROM, for columns a file lacks (a side table's first tag,
-    a date string as epoch time) or rows to keep; checks and errors treat it like a file."""
-    if is_query(path):
-        return f"({path})"
-    literal = "'" + path.replace("'", "''") + "'"
-    if path.lower().endswith(CSV_SUFFIXES):
-        return f"read_csv({literal})"
-    return f"read_parquet({literal})"
-
-
-def column_types(con: duckdb.DuckDBPyConnection, path: str) -> dict[str, str]:
-    """Column name -> DuckDB type name of a file; PrepareError naming the file if it cannot be read."""
-    try:
-        rows = con.execute(f"DESCRIBE SELECT * FROM {source_sql(path)}").fetchall()
-    except duckdb.Error as e:
-        raise PrepareError(f"{path}: cannot read it: {str(e).splitlines()[0]}") from None
-    return {name: dtype for name, dtype, *_ in rows}
 
 
 def is_integer(dtype: str) -> bool:
@@ -95,16 +64,15 @@ def check_columns(path: str, types: dict[str, str], roles: list[tuple[str, str, 
             raise PrepareError(f"{path}: column '{column}' ({key}) has type {types[column]}, expected {expected}")
 
 
-def check_log_values(con: duckdb.DuckDBPyConnection, path: str, cfg: PrepareConfig) -> int:
+def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
     c = cfg.columns
     keys = [c.member, c.item, c.timestamp]
     actions = list(c.actions.values())
     exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
     exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]
-    exprs += [f"count(*) FILTER (WHERE {quote(a)} IS NULL OR {quote(a)}::INTEGER NOT IN (0, 1))"
-              for a in actions]
-    rows, t_min, t_max, *bad = con.execute(f"SELECT {', '.join(exprs)} FROM {source_sql(path)}").fetchone()
+    exprs += [f"count(*) FILTER (WHERE {not_0_or_1(a)})" for a in actions]
+    [(rows, t_min, t_max, *bad)] = engine.fetch(f"SELECT {', '.join(exprs)} FROM {engine.source(path)}")
     for column, nulls in zip(keys, bad[: len(keys)]):
         if nulls:
             raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids and timestamps "
@@ -112,15 +80,18 @@ def check_log_values(con: duckdb.DuckDBPyConnection, path: str, cfg: PrepareConf
     for (name, column), count in zip(c.actions.items(), bad[len(keys):]):
         if count:
             raise PrepareError(f"{path}: column '{column}' (action '{name}') has {count} values that are "
-                               f"not 0 or 1{_example(con, path, column)}")
+                               f"not 0 or 1{_example(engine, path, column)}")
     if rows:
         check_time_range(path, c.timestamp, cfg.time.unit, t_min, t_max)
     return rows
 
 
-def _example(con, path: str, column: str) -> str:
-    (value,) = con.execute(f"SELECT {quote(column)} FROM {source_sql(path)} WHERE {quote(column)} IS NULL "
-                           f"OR {quote(column)}::INTEGER NOT IN (0, 1) LIMIT 1").fetchone()
+def not_0_or_1(column: str) -> str:
+    return f"{quote(column)} IS NULL OR CAST({quote(column)} AS BIGINT) NOT IN (0, 1)"  # integer or boolean
+
+
+def _example(engine, path: str, column: str) -> str:
+    [(value,)] = engine.fetch(f"SELECT {quote(column)} FROM {engine.source(path)} WHERE {not_0_or_1(column)} LIMIT 1")
     return f" (e.g. {value})"
 
 
@@ -149,12 +120,12 @@ def _date(raw: int, unit: str) -> str:
     return datetime.fromtimestamp(raw / TIME_UNITS[unit], timezone.utc).strftime("%Y-%m-%d")
 
 
-def check_logs(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> int:
+def check_logs(engine, cfg: PrepareConfig) -> int:
     """Check every log file; return their total row count."""
     total = 0
     for path in cfg.logs:
-        check_columns(path, column_types(con, path), log_roles(cfg))
-        total += check_log_values(con, path, cfg)
+        check_columns(path, engine.column_types(path), log_roles(cfg))
+        total += check_log_values(engine, path, cfg)
     return total
 
 
@@ -169,23 +140,22 @@ def side_roles(role: str, table: SideTableConfig) -> list[tuple[str, str, str]]:
     return roles
 
 
-def check_side_table(con: duckdb.DuckDBPyConnection, role: str, table: SideTableConfig,
+def check_side_table(engine, role: str, table: SideTableConfig,
                      log_column: tuple[str, str, str]) -> None:
     """Columns present and typed; keys of the log column's type family, set and unique (a join on
     a duplicated key would multiply impressions). ``log_column``: (config key, column, type)."""
-    types = column_types(con, table.path)
+    types = engine.column_types(table.path)
     check_columns(table.path, types, side_roles(role, table))
     log_key, log_name, log_type = log_column
     if is_integer(types[table.key]) != is_integer(log_type):
         raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has type {types[table.key]}, "
                            f"but the log's '{log_name}' ({log_key}) has type {log_type}: they cannot be joined")
     key = quote(table.key)
-    nulls, dup = con.execute(
-        f"SELECT count(*) FILTER (WHERE {key} IS NULL), "
-        f"(SELECT {key} FROM {source_sql(table.path)} GROUP BY {key} HAVING count(*) > 1 LIMIT 1) "
-        f"FROM {source_sql(table.path)}").fetchone()
+    source = engine.source(table.path)
+    [(nulls,)] = engine.fetch(f"SELECT count(*) FROM {source} WHERE {key} IS NULL")
+    dup = engine.fetch(f"SELECT {key} FROM {source} WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1 LIMIT 1")
     if nulls:
         raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has {nulls} null values")
-    if dup is not None:
+    if dup:
         raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has duplicate values "
-                           f"(e.g. {dup}); a side table needs one row per key")
+                           f"(e.g. {dup[0][0]}); a side table needs one row per key")
