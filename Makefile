@@ -7,7 +7,9 @@ DATA ?= data/synthetic
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test test-slow data kuairand kuairand-prepared bench-kuairand bench-reader clean
+PYSPARK := pyspark==4.0.1
+
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared bench-kuairand bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,8 +36,15 @@ train: $(STAMP) ## the main job: generate synthetic data, train Feed-SR, evaluat
 test: $(STAMP) ## run the test suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow and not gpu" $(ARGS)
 
-test-slow: $(STAMP) ## run the slow tests too
-	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+test-slow: $(STAMP) ## run the slow tests too (not the Spark ones: make test-spark)
+	$(PY) -m pytest -q -m "not gpu and not spark" $(ARGS)
+
+# PySpark (pip) needs a Java runtime: taken from Debian's packages when `java` is missing.
+test-spark: $(STAMP) ## install PySpark and Java if missing, then check engine=spark gives DuckDB's datasets
+	@command -v java >/dev/null || { echo "installing a Java runtime (openjdk-17-jre-headless)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
+	$(PY) -c "import pyspark" 2>/dev/null || $(PY) -m pip install -q "$(PYSPARK)"
+	$(PY) -m pytest -q -m spark $(ARGS)
 
 data: $(STAMP) ## generate the synthetic dataset (20k members) into data/synthetic (DATA=...)
 	$(PY) scripts/make_synthetic.py --out $(DATA) --num-members 20000 --seed 0

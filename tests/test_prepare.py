@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose, tiny_overrides
 from feedsr.data.tasks import decode_actions
-from feedsr.prepare.config import compose_prepare_config
-from feedsr.prepare.pipeline import member_chunks, run
+from feedsr.prepare.config import PrepareError, compose_prepare_config
+from feedsr.prepare.pipeline import member_ranges, run
 
 ACTIONS = ["click", "like", "share"]
 T0 = 1_700_000_000  # 2023-11-14, seconds
@@ -445,10 +445,82 @@ def test_many_small_chunks_give_the_same_dataset_as_one(small, tmp_path, capsys)
     assert max(members_per_file) > 1  # some file holds rows of two chunks
 
 
-def test_member_chunks_cut_between_members_only():
-    member = np.repeat([3, 5, 6, 9], [4, 1, 9, 2])
-    batches = [pa.record_batch({"member": member[i:i + 3]}) for i in range(0, len(member), 3)]
-    reader = pa.RecordBatchReader.from_batches(batches[0].schema, batches)
-    chunks = [c["member"].to_pylist() for c in member_chunks(reader, chunk_rows=2)]
-    # at least 2 rows each but the last; member 6 (9 rows) stays whole
-    assert chunks == [[3, 3, 3, 3, 5], [6] * 9, [9, 9]]
+def test_member_ranges_cut_between_members_only():
+    # members stored by member: rids contiguous per member, listed here out of order
+    first, last, count = np.array([6, 1, 14, 5]), np.array([13, 4, 15, 5]), np.array([8, 4, 2, 1])
+    assert member_ranges(first, last, count, chunk_rows=5) == [(1, 5), (6, 13), (14, 15)]
+    assert member_ranges(first, last, count, chunk_rows=1) == [(1, 4), (5, 5), (6, 13), (14, 15)]
+    assert member_ranges(first, last, count, chunk_rows=100) == [(1, 15)]
+    assert member_ranges(np.array([]), np.array([]), np.array([]), chunk_rows=5) == []
+
+
+# ------------------------------------------------------------------ pre-window history
+
+
+def history_log(log: dict, seed: int = 5) -> dict:
+    """Earlier impressions (before the log) of members 0..3 and of member 42, absent from the log."""
+    rng = np.random.default_rng(seed)
+    member = np.repeat([0, 1, 2, 3, 42], 4)
+    n = len(member)
+    return drop_duplicates({
+        "member_id": member, "item_id": rng.integers(0, 14, n),  # items 12, 13: unseen in the log
+        "author_id": rng.integers(0, 4, n).astype(np.float64),
+        "ts": int(log["ts"].min()) - DAY + rng.integers(0, 50, n) * STEP,
+        "position": np.full(n, 3), "click": np.ones(n, dtype=np.int64),
+        "like": rng.integers(0, 2, n), "share": np.zeros(n, dtype=np.int64),
+        "surface": np.array(["home"] * n),
+    })
+
+
+def test_history_is_prepended_as_non_targets_and_counts_for_nobody(small, tmp_path):
+    log, log_path, items_path = small
+    history = history_log(log)
+    hist_path = write_log(history, tmp_path / "history.parquet")
+    cfg = config(log_path, items_path, tmp_path / "plain", one_split(log))
+    run(cfg)
+    meta = run(cfg | {"out": str(tmp_path / "with"), "history": {"logs": [str(hist_path)]}})
+    kept = np.isin(history["member_id"], log["member_id"])
+    assert meta["history_impressions"] == kept.sum() == 16  # member 42 has no log impression
+    flat = read_split(tmp_path / "with", "train")
+    is_history = flat["timestamps"] < log["ts"].min()
+    assert is_history.sum() == 16 and not flat["target"][is_history].any()
+    assert 42 not in flat["member_id"]
+    # the log's impressions: the same features as without history; history rows get the fills
+    plain, with_history = output_features(tmp_path / "plain"), output_features(tmp_path / "with")
+    for key in log_keys(log):
+        assert with_history[key] == plain[key], key
+    # counted features get their fill; the impression's own attributes (item age, local time) are as usual
+    fills = {f["name"]: f.get("fill", -1.0) for f in FEATURES if f["kind"] not in ("item_age", "hour_of_day", "day_of_week")}
+    history_keys = set(with_history) - set(plain)
+    assert len(history_keys) == 16
+    for key in history_keys:
+        assert {n: with_history[key][n] for n in fills} == fills, key
+    # a history item unseen in the log gets a vocabulary entry (the training window includes history)
+    assert {12, 13} & set(flat["raw_item_ids"][is_history]) <= set(json.loads((tmp_path / "with" / "vocab.json").read_text())["item_ids"])
+
+
+def test_history_counted_in_features_equals_brute_force_over_both(small, tmp_path):
+    log, log_path, items_path = small
+    history = history_log(log)
+    history = {c: v[history["member_id"] != 42] for c, v in history.items()}
+    hist_path = write_log(history, tmp_path / "history.parquet")
+    both = {c: np.concatenate([history[c], log[c]]) for c in log}
+    run(config(log_path, items_path, tmp_path / "out", one_split(log),
+               history={"logs": [str(hist_path)], "count_in_features": True}))
+    got = output_features(tmp_path / "out")
+    items = pq.read_table(items_path)
+    keys = log_keys(both)
+    for f in FEATURES:
+        expected = brute_force(both, items, f)
+        actual = np.array([got[k][f["name"]] for k in keys], dtype=np.float32)
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=f["name"])
+
+
+def test_history_at_or_after_the_first_boundary_is_refused(small, tmp_path):
+    log, log_path, items_path = small
+    history = history_log(log)
+    history["ts"][3] = int(log["ts"].min())  # the first boundary
+    hist_path = write_log(history, tmp_path / "history.parquet")
+    with pytest.raises(PrepareError, match=r"history\.parquet \(history\.logs\): 1 impressions at or after "
+                                           r"the first split boundary"):
+        run(config(log_path, items_path, tmp_path / "out", one_split(log), history={"logs": [str(hist_path)]}))

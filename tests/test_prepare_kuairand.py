@@ -219,19 +219,23 @@ def test_labels_at_or_after_t_change_no_feature_up_to_t(raw, slice_path, prepare
 
 
 def test_shared_features_equal_the_converter_on_the_same_slice(slice_path, prepared, tmp_path):
-    """Today's converter (feedsr/data/kuairand.py, without pre-window history) on the same slice:
-    the same targets, and every feature but the rates equal; the rates differ only by their prior."""
+    """Today's converter (feedsr/data/kuairand.py, with pre-window history as `make kuairand`) on
+    the same slice: the same rows, targets and history, and every feature but the rates equal; the
+    rates differ only by their prior."""
     from feedsr.data import kuairand
 
     out, meta = prepared
     src = tmp_path / "src"
     src.mkdir()
     (src / kuairand.LOG_FILE).symlink_to(slice_path)
-    for name in (kuairand.VIDEO_FILE, kuairand.USER_FILE):
+    for name in (kuairand.VIDEO_FILE, kuairand.USER_FILE, kuairand.HISTORY_FILE):
         (src / name).symlink_to(DATA / name)
-    converted = kuairand.convert(src, tmp_path / "converted", train_end=20220502, valid_end=20220505)
-    assert converted["splits"] == meta["splits"]
+    converted = kuairand.convert(src, tmp_path / "converted", train_end=20220502, valid_end=20220505,
+                                 pre_history=True)
+    assert converted["splits"] == meta["splits"]  # rows, members, targets and impressions (history included)
     assert converted["duplicates_dropped"] == meta["duplicates_dropped"]
+    assert converted["pre_history_impressions"] == meta["history_impressions"] > 0
+    assert read_vocabs(tmp_path / "converted")["item_ids"] == read_vocabs(out)["item_ids"]
     shared = [c for c in meta["context"] if not c.endswith("_rate")]
     assert len(shared) == 6
     ours, theirs = output_by_key(out, shared), output_by_key(tmp_path / "converted", shared)
@@ -260,7 +264,10 @@ def test_item_table_query_columns(raw, prepared):
     first_tag = {v: (t.split(",")[0] if t is not None else None) for v, t in zip(tags["video_id"], tags["tag"])}
     seen = {first_tag[v] for v in raw["video_id"][train].tolist()} - {None}
     assert vocabs["cat_tag"] == sorted(seen) and all("," not in t for t in seen)
-    assert vocabs["item_ids"] == sorted(set(raw["video_id"][train].tolist()))
+    history = pq.read_table(DATA / "user_history_until_20220424_last50.parquet").to_pydict()
+    watched = {v for u, seq in zip(history["user_id"], history["watch_seq"]) if u in set(raw["user_id"].tolist())
+               for v in seq}  # the members' pre-window history is in the training window too
+    assert vocabs["item_ids"] == sorted(set(raw["video_id"][train].tolist()) | watched)
     assert meta["splits"]["train"]["start"] == datetime(2022, 4, 24, tzinfo=LOCAL).timestamp()
     assert meta["splits"]["valid"]["end"] == datetime(2022, 5, 6, tzinfo=LOCAL).timestamp()
 

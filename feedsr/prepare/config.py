@@ -82,6 +82,21 @@ class SideTableConfig:
     fill: float = 0.0  # a numeric attribute of a key absent from the table (or null in it)
 
 
+@dataclass
+class HistoryConfig:
+    """Pre-window histories: impressions from before the log (e.g. a member's last watched items,
+    kept in another table) prepended to members' sequences. Sources are files or queries with the
+    log's role columns (columns.*; a query can build them from lists); every row must be before
+    the first split boundary, so it is history and never a target. Members without log
+    impressions are dropped (no target, no row)."""
+
+    logs: list[str] = field(default_factory=list)
+    # Whether history impressions count in the point-in-time features. Off by default: a history
+    # list is usually a biased sample (e.g. watched items only, all "clicked"), which would skew
+    # rates; off, history impressions get each feature's fill and count for nobody.
+    count_in_features: bool = False
+
+
 FEATURE_KINDS = (
     "impressions",  # earlier impressions of the key
     "action_count",  # earlier impressions of the key with the action
@@ -183,6 +198,7 @@ class PrepareConfig:
     time: TimeConfig = field(default_factory=TimeConfig)
     item_table: SideTableConfig | None = None
     member_table: SideTableConfig | None = None
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     features: list[FeatureConfig] = field(default_factory=list)
     session_gap_s: int = DEFAULT_SESSION_GAP_S  # a gap longer than this starts a new session
     splits: SplitsConfig = field(default_factory=SplitsConfig)

@@ -117,6 +117,7 @@ class SparkEngine:
         self.spark = builder.getOrCreate()
         self.spark.sparkContext.setLogLevel("ERROR")
         self.views: dict[str, str] = {}
+        self.results = 0
 
     def source(self, path: str) -> str:
         if is_query(path):
@@ -150,21 +151,27 @@ class SparkEngine:
         return [tuple(row) for row in self.spark.sql(sql).collect()]
 
     def column(self, sql: str) -> pa.ChunkedArray:
-        path = self.scratch / f"column_{len(list(self.scratch.glob('column_*')))}"
+        self.results += 1
+        path = self.scratch / f"result_{self.results}"
         self.spark.sql(sql).write.parquet(str(path))
-        return pq.read_table(path).column(0)
+        column = pq.read_table(path).column(0)
+        shutil.rmtree(path, ignore_errors=True)
+        return column
 
     def stream(self, sql: str, batch_rows: int) -> pa.RecordBatchReader:
         """The result written by Spark (a global ORDER BY writes part files in order), read back
         one file at a time."""
-        path = self.scratch / "result"
-        self.spark.sql(sql).write.parquet(str(path))
+        self.results += 1
+        path = self.scratch / f"result_{self.results}"
+        frame = self.spark.sql(sql)
+        frame.write.parquet(str(path))
         files = sorted(path.glob("part-*.parquet"))
-        schema = pq.read_schema(files[0]) if files else None
+        schema = pq.read_schema(files[0]) if files else frame.limit(0).toArrow().schema
 
         def batches():
             for file in files:
                 yield from pq.ParquetFile(file).iter_batches(batch_rows)
+            shutil.rmtree(path, ignore_errors=True)  # read: the next chunk's result takes its place
 
         return pa.RecordBatchReader.from_batches(schema, batches())
 

@@ -72,9 +72,13 @@ class Dialect:
             return f"from_utc_timestamp(timestamp_seconds(CAST({t} AS DOUBLE) / {unit}), {zone})"
         return f"timezone({zone}, to_timestamp(CAST({t} AS DOUBLE) / {unit}))"  # ICU applies DST
 
-    def row_id(self) -> str:
-        """A unique integer per row (Spark's needs no shuffle to one partition)."""
-        return "monotonically_increasing_id()" if self.name == "spark" else "row_number() OVER ()"
+    def numbered(self, sql: str, order: str) -> str:
+        """``sql``'s rows sorted by ``order``, with ``rid`` increasing in that order: DuckDB numbers
+        them 1, 2, ... and stores them in order; Spark sorts (range partitions, in order) and takes
+        monotonically_increasing_id, increasing but not dense, without moving all rows to one task."""
+        if self.name == "spark":
+            return f"SELECT b.*, monotonically_increasing_id() AS rid FROM (SELECT * FROM ({sql}) s ORDER BY {order}) b"
+        return f"SELECT b.*, row_number() OVER (ORDER BY {order}) AS rid FROM ({sql}) b ORDER BY rid"
 
     def day_of_week(self, ts: str) -> str:
         return f"(dayofweek({ts}) - 1)" if self.name == "spark" else f"dayofweek({ts})"  # Spark: Sunday = 1
@@ -195,7 +199,7 @@ def _not_null(keys: tuple[str, ...]) -> str:
     return " AND ".join(f"{c} IS NOT NULL" for c in _columns(keys))
 
 
-def last_k_sql(f: FeatureConfig, keys: tuple[str, ...], source: str) -> str:
+def last_k_sql(f: FeatureConfig, keys: tuple[str, ...], source: str, counted: str) -> str:
     """(K, t, value) for every key and time: the action's mean over the k rows before the first
     row of the time's tie group in a total order; a ROWS frame counts rows, not times, so only
     that first row has exactly the strictly earlier rows before it."""
@@ -204,12 +208,12 @@ def last_k_sql(f: FeatureConfig, keys: tuple[str, ...], source: str) -> str:
     over = f"PARTITION BY {part} ORDER BY {order}"
     return (f"SELECT {part}, {TIME}, v FROM (SELECT {part}, {TIME}, "
             f"AVG(CAST({act} AS DOUBLE)) OVER ({over} ROWS BETWEEN {f.k} PRECEDING AND 1 PRECEDING) AS v, "
-            f"LAG({TIME}) OVER ({over}) AS prev_t FROM {source} WHERE {_not_null(keys)}) "
+            f"LAG({TIME}) OVER ({over}) AS prev_t FROM {source} WHERE {_not_null(keys)}{counted}) "
             f"WHERE prev_t IS NULL OR prev_t <> {TIME}")
 
 
 def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], time: TimeConfig,
-               source: str) -> list[tuple[str, str]]:
+               source: str, counted: str = "") -> list[tuple[str, str]]:
     """The CTEs (name, query) of key set K, ending with ``w<i>``: one row per (K, t) with a
     ``f_<name>`` column per feature.
 
@@ -232,7 +236,7 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
     counts = ["n"] + [f"h_{a}" for a in actions]
     hits = "".join(f", SUM(CAST({action_column(a)} AS DOUBLE)) AS {quote('h_' + a)}" for a in actions)
     g = (f"SELECT {part}, {TIME}, CAST(COUNT(*) AS DOUBLE) AS n{hits} FROM {source} "
-         f"WHERE {_not_null(keys)} GROUP BY {part}, {TIME}")
+         f"WHERE {_not_null(keys)}{counted} GROUP BY {part}, {TIME}")
     needed = sorted({s for f in features for s in sums_needed(f, time)}, key=lambda s: (s[0], s[1] or 0))
     summed = sorted({x for x, _ in needed})
     windows = sorted({w for _, w in needed if w is not None})
@@ -263,7 +267,7 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
     for f in (f for f in features if f.kind == "last_k_mean"):
         on = " AND ".join(f"w.{c} = l.{c}" for c in _columns(keys) + [TIME])
         w = (f"SELECT w.*, l.v AS {quote('f_' + f.name)} FROM ({w}) w "
-             f"LEFT JOIN ({last_k_sql(f, keys, source)}) l ON {on}")
+             f"LEFT JOIN ({last_k_sql(f, keys, source, counted)}) l ON {on}")
     return [(f"g{i}", g), (f"r{i}", r), (f"p{i}", p), (f"w{i}", w)]
 
 
@@ -282,28 +286,49 @@ def finish(f: FeatureConfig, expr: str) -> str:
     return f"CAST(COALESCE(CAST(({expr}) AS DOUBLE), {f.fill!r}) AS FLOAT)"
 
 
-def feature_sql(cfg: PrepareConfig, source: str, dialect: Dialect = DUCKDB) -> str:
-    """A query over ``source`` (the events table) returning its columns plus one ``ctx_<name>``
-    column per feature."""
+def key_sets(cfg: PrepareConfig) -> dict[tuple[str, ...], list[FeatureConfig]]:
+    """The features computed per key set (all but the row-level kinds), in config order."""
     groups: dict[tuple[str, ...], list[FeatureConfig]] = {}
     for f in cfg.features:
         if f.kind not in ROW_LEVEL:
             groups.setdefault(group_keys(f), []).append(f)
-    ctes, joins, alias_of = [], "", {}
-    for i, (keys, features) in enumerate(groups.items()):
-        ctes += group_ctes(i, keys, features, cfg.time, source)
+    return groups
+
+
+def feature_tables(cfg: PrepareConfig, source: str) -> list[tuple[str, str, list[FeatureConfig]]]:
+    """Per key set: (table name ``feat<i>``, its query, its features). The table holds ``rid`` and
+    the finished ``ctx_<name>`` columns of every impression of ``source`` (the events), sorted by
+    rid, so that a range of rids reads a range of the table."""
+    # History rows (history.logs) count for nobody unless history.count_in_features, and get the fill.
+    counted = "" if cfg.history.count_in_features else f" AND {quote('history')} = 0"
+    tables = []
+    for i, (keys, features) in enumerate(key_sets(cfg).items()):
+        ctes = group_ctes(i, keys, features, cfg.time, source, counted)
+        with_ = "WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes)
+        narrow = f"SELECT rid, {quote('history')}, {', '.join(_columns(keys))}, {TIME} FROM {source}"
         on = " AND ".join(f"e.{c} = w{i}.{c}" for c in _columns(keys) + [TIME])
-        joins += f" LEFT JOIN w{i} ON {on}"
-        alias_of |= {f.name: f"w{i}" for f in features}
-    columns = []
-    for f in cfg.features:
-        if f.kind in ROW_LEVEL:
-            expr = ROW_LEVEL[f.kind](f, cfg.time, dialect)
-        else:
-            expr = f"{alias_of[f.name]}.{quote('f_' + f.name)}"
-        columns.append(f"{finish(f, expr)} AS {quote('ctx_' + f.name)}")
-    with_ = ("WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes) + " ") if ctes else ""
-    return f"{with_}SELECT e.*{''.join(', ' + c for c in columns)} FROM {source} e{joins}"
+        columns = [f"{finish(f, f'w{i}.' + quote('f_' + f.name))}" for f in features]
+        if counted:
+            columns = [f"CASE WHEN e.{quote('history')} = 1 THEN CAST({f.fill!r} AS FLOAT) ELSE {c} END"
+                       for f, c in zip(features, columns)]
+        columns = [f"{c} AS {quote('ctx_' + f.name)}" for f, c in zip(features, columns)]
+        sql = f"{with_} SELECT e.rid, {', '.join(columns)} FROM ({narrow}) e LEFT JOIN w{i} ON {on} ORDER BY e.rid"
+        tables.append((f"feat{i}", sql, features))
+    return tables
+
+
+def range_queries(cfg: PrepareConfig, source: str, tables: list[str], rids: tuple[int, int],
+                  dialect: Dialect = DUCKDB) -> list[str]:
+    """The queries whose results, side by side, are the events of ``source`` with ``rids[0] <=
+    rid <= rids[1]`` and every feature, each sorted by rid: the events with the row-level
+    features, then each feature table. Every event has one row in every feature table, so the
+    results line up row for row and need no join (feature tables are stored in rid order, so each
+    query reads only its range)."""
+    in_range = f"rid BETWEEN {rids[0]} AND {rids[1]}"
+    row_level = [f"{finish(f, ROW_LEVEL[f.kind](f, cfg.time, dialect))} AS {quote('ctx_' + f.name)}"
+                 for f in cfg.features if f.kind in ROW_LEVEL]
+    queries = [f"SELECT e.*{''.join(', ' + c for c in row_level)} FROM {source} e WHERE e.{in_range} ORDER BY e.rid"]
+    return queries + [f"SELECT * FROM {t} WHERE {in_range} ORDER BY rid" for t in tables]
 
 
 def needs_sessions(cfg: PrepareConfig) -> bool:

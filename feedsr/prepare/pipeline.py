@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
 from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
 from feedsr.prepare.engine import connect
-from feedsr.prepare.features import feature_sql, needs_sessions, session_sql
-from feedsr.prepare.sources import check_logs, check_side_table, quote
+from feedsr.prepare.features import feature_tables, needs_sessions, range_queries, session_sql
+from feedsr.prepare.sources import check_history, check_logs, check_side_table, log_roles, quote
 
 SIDE_JOINS = {"item_table": ("it", "item"), "member_table": ("mt", "member")}  # SQL alias, log role joined on
 # dataset.json names of the id columns that get a vocabulary, besides the cat_ columns.
@@ -59,14 +60,34 @@ class Progress:
         print(f"[prepare {time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
 
 
-def load_logs(engine, cfg: PrepareConfig, total: int) -> int:
-    """Table ``logs``: every log file, exact duplicates dropped; returns how many were dropped.
-    The files may order their columns differently: the first file's columns are read by name."""
+HISTORY = "feedsr_history"  # 1 on pre-window history rows (history.logs), 0 on the log's
+
+
+def role_columns(cfg: PrepareConfig) -> str:
+    return ", ".join(dict.fromkeys(quote(column) for _, column, _ in log_roles(cfg)))
+
+
+def load_logs(engine, cfg: PrepareConfig, total: int) -> tuple[int, int]:
+    """Table ``logs``: the role columns of every log file, exact duplicates (equal in every
+    column) dropped, then the pre-window history rows of members the log has; returns (duplicates
+    dropped, history impressions kept). Columns are read by name (files may order them
+    differently)."""
     columns = ", ".join(map(quote, engine.column_types(cfg.logs[0])))
     union = " UNION ALL ".join(f"SELECT {columns} FROM {engine.source(p)}" for p in cfg.logs)
-    engine.create_table("logs", f"SELECT DISTINCT * FROM ({union}) u")
-    [(kept,)] = engine.fetch("SELECT count(*) FROM logs")
-    return total - kept
+    roles = role_columns(cfg)
+    if not cfg.history.logs:
+        engine.create_table("logs", f"SELECT {roles}, 0 AS {HISTORY} FROM (SELECT DISTINCT * FROM ({union}) u) d")
+        [(kept,)] = engine.fetch("SELECT count(*) FROM logs")
+        return total - kept, 0
+    engine.create_table("log_rows", f"SELECT DISTINCT * FROM ({union}) u")
+    history = " UNION ALL ".join(f"SELECT {roles} FROM {engine.source(p)}" for p in cfg.history.logs)
+    member = quote(cfg.columns.member)
+    engine.create_table("logs", f"SELECT {roles}, 0 AS {HISTORY} FROM log_rows UNION ALL "
+                                f"SELECT {roles}, 1 AS {HISTORY} FROM (SELECT DISTINCT * FROM ({history}) h) d "
+                                f"WHERE {member} IN (SELECT {member} FROM log_rows)")
+    [(kept, history_rows)] = engine.fetch(f"SELECT count(*) FILTER (WHERE {HISTORY} = 0), "
+                                          f"count(*) FILTER (WHERE {HISTORY} = 1) FROM logs")
+    return total - kept, history_rows
 
 
 def events_sql(cfg: PrepareConfig, engine) -> str:
@@ -75,9 +96,9 @@ def events_sql(cfg: PrepareConfig, engine) -> str:
     position = (f"COALESCE(CAST({log(c.position)} AS BIGINT), {UNKNOWN_POSITION})" if c.position
                 else f"CAST({UNKNOWN_POSITION} AS BIGINT)")
     cols = [
-        f"{engine.dialect.row_id()} AS rid",  # unique; the last tie-break of the sorts
         f"CAST({log(c.member)} AS BIGINT) AS member", f"{log(c.item)} AS item",
         f"CAST({log(c.timestamp)} AS BIGINT) AS t", f"{author_sql(cfg)} AS author", f"{position} AS position",
+        f"l.{HISTORY} AS history",
     ]
     cols += [f"CAST({log(col)} AS INTEGER) AS {quote('act_' + a)}" for a, col in c.actions.items()]
     cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
@@ -104,10 +125,11 @@ def author_sql(cfg: PrepareConfig) -> str:
 
 
 def build_events(engine, cfg: PrepareConfig) -> None:
+    """Table ``events``, stored in ``output_order`` with ``rid`` increasing in it."""
     sql = events_sql(cfg, engine)
     if needs_sessions(cfg):
         sql = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({sql})")
-    engine.create_table("events", sql)
+    engine.create_table("events", engine.dialect.numbered(sql, output_order(cfg)))
 
 
 def vocab_sources(cfg: PrepareConfig) -> dict[str, str]:
@@ -134,40 +156,57 @@ def count_events(engine, cfg: PrepareConfig, end_second: int) -> int:
 
 def output_order(cfg: PrepareConfig) -> str:
     """The order of the impressions in the output: by member and time, then, so that ties in time
-    come out the same on every engine and run, by the log's own values; the row id last only
-    separates rows equal in all of these."""
+    come out the same on every engine and run, by the log's own values (rows equal in all of these
+    differ in no output column but the features, which ties share)."""
     columns = ["member", "t", "item", "position"] + [f"act_{a}" for a in cfg.columns.actions]
     columns += [f"cat_{n}" for n in cfg.columns.categoricals]
-    return ", ".join(f"{quote(c)} NULLS LAST" for c in columns + ["rid"])
+    return ", ".join(f"{quote(c)} NULLS LAST" for c in columns)
 
 
-def featured_events(engine, cfg: PrepareConfig, end_second: int, batch_rows: int) -> pa.RecordBatchReader:
-    """The events with their features, before ``end_second``, in ``output_order``, as a stream
-    (the engine computes the features and sorts before the first batch)."""
+def build_feature_tables(engine, cfg: PrepareConfig, progress: Progress) -> list[str]:
+    """One table per key set (feedsr/prepare/features.py), each computed and stored on its own,
+    so that no query holds every feature of every impression at once."""
+    names = []
+    for name, sql, features in feature_tables(cfg, "events"):
+        engine.create_table(name, sql)
+        names.append(name)
+        keys = "x".join(sorted({k for f in features for k in (f.keys or ["member", "session"])}))
+        progress(f"computed {len(features)} features keyed by {keys}")
+    return names
+
+
+def member_ranges(first: np.ndarray, last: np.ndarray, count: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Rid ranges [lo, hi] of whole members, each holding at least ``chunk_rows`` impressions but
+    the last. ``first``/``last``/``count``: per member, its smallest and largest rid and its
+    impressions (the events are stored by member, so a member's rids are contiguous)."""
+    order = np.argsort(first, kind="stable")
+    first, last, count = first[order], last[order], count[order]
+    ranges, lo, rows = [], 0, 0
+    for i in range(len(first)):
+        rows += int(count[i])
+        if rows >= chunk_rows or i == len(first) - 1:
+            ranges.append((int(first[lo]), int(last[i])))
+            lo, rows = i + 1, 0
+    return ranges
+
+
+def featured_chunks(engine, cfg: PrepareConfig, tables: list[str], end_second: int,
+                    chunk_rows: int) -> Iterator[pa.Table]:
+    """The events before ``end_second`` with their features, in ``output_order``, as tables of
+    whole members of about ``chunk_rows`` impressions each."""
     end = end_second * cfg.time_unit()
-    query = (f"SELECT * FROM ({feature_sql(cfg, 'events', engine.dialect)}) f WHERE t < {end} "
-             f"ORDER BY {output_order(cfg)}")
-    return engine.stream(query, batch_rows)
-
-
-def member_chunks(batches: pa.RecordBatchReader, chunk_rows: int) -> Iterator[pa.Table]:
-    """The stream (sorted by member) cut into tables of whole members, each of at least
-    ``chunk_rows`` rows but the last; the rows of the member a cut would split wait for the next."""
-    held, rows = [], 0
-    for batch in batches:
-        held.append(batch)
-        rows += batch.num_rows
-        if rows < chunk_rows:
-            continue
-        table = pa.Table.from_batches(held, batches.schema)
-        member = table["member"].to_numpy()
-        cut = len(member) - int(np.argmax(member[::-1] != member[-1]))  # the last member's first row
-        if cut < len(member):  # else one member so far: read on
-            yield table.slice(0, cut)
-            rest = table.slice(cut)
-            held, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield pa.Table.from_batches(held, batches.schema)
+    rows = engine.fetch(f"SELECT MIN(rid), MAX(rid), COUNT(*) FROM events WHERE t < {end} GROUP BY member")
+    first, last, count = (np.array(c, dtype=np.int64) for c in zip(*rows)) if rows else ([], [], [])
+    for rids in member_ranges(np.asarray(first), np.asarray(last), np.asarray(count), chunk_rows):
+        parts = [engine.stream(sql, BATCH_ROWS).read_all()
+                 for sql in range_queries(cfg, "events", tables, rids, engine.dialect)]
+        table = parts[0]
+        for part in parts[1:]:
+            if not part["rid"].equals(table["rid"]):  # one row per event in every feature table
+                raise RuntimeError(f"feature table rows do not line up with the events in rids {rids}")
+            for name in part.column_names[1:]:
+                table = table.append_column(name, part[name])
+        yield table.filter(pc.less(table["t"], end))
 
 
 def as_values(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,20 +244,32 @@ def to_log(table: pa.Table, cfg: PrepareConfig, vocabs: dict[str, np.ndarray]) -
     return log
 
 
+def prefetched(chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """``chunks`` with the next one fetched in a background thread while the caller works on the
+    current one (the engine computes outside the GIL): at most two chunks in memory."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = pool.submit(next, chunks, None)
+            yield chunk
+
+
 def write_splits(out: Path, chunks: Iterator[pa.Table], cfg: PrepareConfig, vocabs: dict[str, np.ndarray],
                  progress: Progress) -> dict[str, dict]:
-    """Window every chunk into every split; return the splits' counts."""
+    """Window every chunk into every split; return the splits' counts. The splits are written in
+    parallel threads (Parquet encoding and compression run outside the GIL)."""
     writers = [SplitWriter(out, split, list(cfg.columns.actions), cfg.max_seq_len, cfg.rows_per_file)
                for split in cfg.split_list()]
     done = 0
-    for table in chunks:
-        log = to_log(table, cfg, vocabs)
-        check_log(log)
-        for writer in writers:
-            writer.add(log)
-        done += len(log["member_id"])
-        progress(f"windowed {done} impressions")
-    return {writer.split.name: writer.close() for writer in writers}
+    with ThreadPoolExecutor(len(writers)) as pool:
+        for table in prefetched(chunks):
+            log = to_log(table, cfg, vocabs)
+            check_log(log)
+            list(pool.map(lambda writer: writer.add(log), writers))  # noqa: B023 - used at once
+            done += len(log["member_id"])
+            progress(f"windowed {done} impressions")
+        counts = list(pool.map(SplitWriter.close, writers))
+    return {writer.split.name: c for writer, c in zip(writers, counts)}
 
 
 def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
@@ -234,19 +285,20 @@ def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
         raise PrepareError(f"out: {e}") from None
     engine = connect(cfg.engine)
     try:
-        vocabs, counts, duplicates = prepare(engine, cfg, out, chunk_rows, progress)
+        vocabs, counts, dropped = prepare(engine, cfg, out, chunk_rows, progress)
     finally:
         engine.close()
     vocab_values = {column: vocab.tolist() for column, vocab in vocabs.items()}
     write_vocabs(out, vocab_values)
-    meta = dataset_meta(cfg, counts, vocab_values, duplicates)
+    meta = dataset_meta(cfg, counts, vocab_values, dropped)
     write_dataset_meta(out, meta)
     progress(f"wrote {out / DATASET_META}")
     return meta
 
 
 def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Progress):
-    """Steps 1-6 on the engine; returns (vocabularies, split counts, duplicates dropped)."""
+    """Steps 1-6 on the engine; returns (vocabularies, split counts, {duplicates_dropped,
+    history_impressions})."""
     splits = cfg.split_list()
     total = check_logs(engine, cfg)
     log_types = engine.column_types(cfg.logs[0])
@@ -254,9 +306,12 @@ def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Pr
         on = SIDE_JOINS[role][1]
         column = getattr(cfg.columns, on)
         check_side_table(engine, role, table, (f"columns.{on}", column, log_types[column]))
+    check_history(engine, cfg, splits[0].start)
     progress(f"checked {len(cfg.logs)} log file(s): {total} rows")
-    duplicates = load_logs(engine, cfg, total)
+    duplicates, history = load_logs(engine, cfg, total)
     progress(f"dropped {duplicates} exact duplicate rows")
+    if cfg.history.logs:
+        progress(f"prepended {history} pre-window history impressions")
     build_events(engine, cfg)
     impressions = count_events(engine, cfg, splits[-1].end)
     if impressions == 0:
@@ -266,15 +321,16 @@ def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Pr
     vocabs = build_vocabs(engine, cfg, splits[0].end)
     sizes = {column: vocab_size(vocab) for column, vocab in vocabs.items()}
     progress(f"built vocabularies from the training window: {sizes}")
-    batches = featured_events(engine, cfg, splits[-1].end, min(BATCH_ROWS, chunk_rows))
+    tables = build_feature_tables(engine, cfg, progress)
     progress(f"computed {len(cfg.features)} point-in-time features for {impressions} impressions")
-    counts = write_splits(out, member_chunks(batches, chunk_rows), cfg, vocabs, progress)
+    counts = write_splits(out, featured_chunks(engine, cfg, tables, splits[-1].end, chunk_rows), cfg, vocabs,
+                          progress)
     for name, split_counts in counts.items():
         progress(f"wrote {name}: {split_counts}")
-    return vocabs, counts, duplicates
+    return vocabs, counts, {"duplicates_dropped": duplicates, "history_impressions": history}
 
 
-def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, duplicates: int) -> dict:
+def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, dropped: dict) -> dict:
     return {
         "source": cfg.name,
         "action_names": list(cfg.columns.actions),
@@ -283,8 +339,8 @@ def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, duplicates: int
         "true_probs": [],
         VOCAB_SIZES: {column: vocab_size(values) for column, values in vocabs.items()},
         "splits": counts,
-        "duplicates_dropped": duplicates,
-        "inputs": list(cfg.logs) + [t.path for t in cfg.side_tables().values()],
+        **dropped,
+        "inputs": list(cfg.logs) + list(cfg.history.logs) + [t.path for t in cfg.side_tables().values()],
         "time_unit": cfg.time.unit,
         "timezone": cfg.time.timezone,
         "max_seq_len": cfg.max_seq_len,

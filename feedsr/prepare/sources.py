@@ -159,3 +159,19 @@ def check_side_table(engine, role: str, table: SideTableConfig,
     if dup:
         raise PrepareError(f"{table.path}: key column '{table.key}' ({role}.key) has duplicate values "
                            f"(e.g. {dup[0][0]}); a side table needs one row per key")
+
+
+def check_history(engine, cfg: PrepareConfig, first_boundary: int) -> None:
+    """History sources have the log's role columns, valid values, and only impressions before the
+    first split boundary (``first_boundary``, epoch seconds)."""
+    end = first_boundary * TIME_UNITS[cfg.time.unit]
+    for path in cfg.history.logs:
+        check_columns(path, engine.column_types(path), log_roles(cfg))
+        check_log_values(engine, path, cfg)
+        ts = quote(cfg.columns.timestamp)
+        [(late, latest)] = engine.fetch(f"SELECT count(*) FILTER (WHERE {ts} >= {end}), max({ts}) "
+                                        f"FROM {engine.source(path)}")
+        if late:
+            raise PrepareError(f"{path} (history.logs): {late} impressions at or after the first split "
+                               f"boundary {cfg.splits.boundaries[0]} (latest {latest}): history must "
+                               "come before it")
