@@ -47,7 +47,7 @@ def main(argv=None) -> list[dict]:
     from feedsr.data.batch import Collator
     from feedsr.data.config import DataConfig, batch_spec
     from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
-    from feedsr.data.synthetic import generate
+    from feedsr.prepare.synthetic import generate
     from feedsr.data.sequences import read_dataset_meta
     from feedsr.runtime.config import to_config
     from omegaconf import OmegaConf

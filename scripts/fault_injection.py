@@ -178,7 +178,7 @@ class Workspace:
 
 
 def prepare(root: Path) -> Workspace:
-    from feedsr.data.synthetic import generate
+    from feedsr.prepare.synthetic import generate
 
     ws = Workspace(root, root / "data")
     generate(ws.data, num_members=1500, seed=0, max_seq_len=64)

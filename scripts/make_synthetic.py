@@ -13,7 +13,8 @@ import argparse
 import time
 
 from feedsr.data.schema import TRUE_PROB_PREFIX
-from feedsr.data.synthetic import ACTION_NAMES, generate, load_targets
+from feedsr.data.synthetic import ACTION_NAMES, load_targets
+from feedsr.prepare.synthetic import generate
 from feedsr.data.tasks import decode_actions
 from feedsr.data.vocab import VOCAB_SIZES
 from feedsr.eval.metrics import roc_auc
@@ -61,8 +62,8 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     sizes = meta[VOCAB_SIZES]
     print(
-        f"wrote {args.out}: {meta['num_members']} members, {sizes['item_ids']} posts, "
-        f"{sizes['author_ids']} authors in {elapsed:.1f}s"
+        f"wrote {args.out}: {meta['num_members']} members, {sizes['item_ids']} post ids and "
+        f"{sizes['author_ids']} author ids (those seen in training + unknown) in {elapsed:.1f}s"
     )
     summarize(args.out, meta)
 

@@ -109,7 +109,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset shared by the training tests (generated once per session)."""
-    from feedsr.data.synthetic import generate
+    from feedsr.prepare.synthetic import generate
 
     path = tmp_path_factory.mktemp("synthetic")
     generate(path, num_members=1500, seed=0, max_seq_len=64)

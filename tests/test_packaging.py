@@ -19,7 +19,7 @@ ALLOWED = {
     "model": {"data", "model"},
     "runtime": {"data", "model", "runtime"},
     "eval": {"data", "model", "runtime", "eval"},
-    "train": {"data", "model", "runtime", "eval", "train"},
+    "train": {"data", "model", "runtime", "eval", "train", "prepare"},  # prepare: synthetic data on first use
     "serve": {"data", "model", "runtime", "eval", "serve"},
     "prepare": {"data", "prepare"},  # logs -> datasets: beside the model stack, on top of data
 }

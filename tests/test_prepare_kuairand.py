@@ -262,12 +262,14 @@ def test_item_table_query_columns(raw, prepared):
     train = raw["time_ms"] // 1000 < meta["splits"]["train"]["end"]
     tags = pq.read_table(VIDEOS).to_pydict()
     first_tag = {v: (t.split(",")[0] if t is not None else None) for v, t in zip(tags["video_id"], tags["tag"])}
-    seen = {first_tag[v] for v in raw["video_id"][train].tolist()} - {None}
-    assert vocabs["cat_tag"] == sorted(seen) and all("," not in t for t in seen)
     history = pq.read_table(DATA / "user_history_until_20220424_last50.parquet").to_pydict()
-    watched = {v for u, seq in zip(history["user_id"], history["watch_seq"]) if u in set(raw["user_id"].tolist())
+    members = set(raw["user_id"].tolist())
+    watched = {v for u, seq in zip(history["user_id"], history["watch_seq"]) if u in members
                for v in seq}  # the members' pre-window history is in the training window too
-    assert vocabs["item_ids"] == sorted(set(raw["video_id"][train].tolist()) | watched)
+    videos = set(raw["video_id"][train].tolist()) | watched
+    seen = {first_tag.get(v) for v in videos} - {None}
+    assert vocabs["cat_tag"] == sorted(seen) and all("," not in t for t in seen)
+    assert vocabs["item_ids"] == sorted(videos)
     assert meta["splits"]["train"]["start"] == datetime(2022, 4, 24, tzinfo=LOCAL).timestamp()
     assert meta["splits"]["valid"]["end"] == datetime(2022, 5, 6, tzinfo=LOCAL).timestamp()
 

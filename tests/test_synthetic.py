@@ -1,4 +1,5 @@
-"""The synthetic generator: determinism, the on-disk schema, and the planted effects."""
+"""The synthetic generator and its dataset (the simulated log through feedsr.prepare):
+determinism, the on-disk schema, and the planted effects."""
 
 from __future__ import annotations
 
@@ -13,15 +14,11 @@ import pytest
 
 from feedsr.data.schema import SEQUENCE_COLUMNS, check_schema, file_action_names
 from feedsr.data.sequences import read_dataset_meta
-from feedsr.data.synthetic import (
-    ACTION_NAMES,
-    LATENTS_FILE,
-    SyntheticConfig,
-    generate,
-    load_targets,
-)
+from feedsr.data.synthetic import ACTION_NAMES, LATENTS_FILE, LOG_FILE, SyntheticConfig, load_targets
+from feedsr.data.vocab import read_vocabs
 from feedsr.data.tasks import decode_actions
 from feedsr.eval.metrics import roc_auc
+from feedsr.prepare.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +53,14 @@ def full_log(data_dir) -> dict[str, np.ndarray]:
 
 def action(log, name: str) -> np.ndarray:
     return decode_actions(log["action_bits"], len(ACTION_NAMES))[:, ACTION_NAMES.index(name)]
+
+
+def raw_log(data_dir) -> dict[str, np.ndarray]:
+    """The simulated flat log itself (raw post and author ids), sorted by (member, time)."""
+    table = pq.read_table(data_dir / LOG_FILE)
+    log = {c: table[c].to_numpy() for c in table.column_names}
+    order = np.lexsort((log["timestamp"], log["member_id"]))
+    return {c: v[order] for c, v in log.items()}
 
 
 def split_tables(data_dir, split: str):
@@ -93,11 +98,15 @@ def test_metadata(dataset):
     assert SyntheticConfig(**meta["config"]) == SyntheticConfig()  # the config round-trips
     assert set(meta["splits"]) == set(SPLITS)
     latents = np.load(out / LATENTS_FILE)
-    # Ids are dense and all known: a table of one row per post / author / category holds them.
-    assert meta["vocab_sizes"] == {
-        "item_ids": len(latents["post_vec"]), "author_ids": len(latents["author_vec"]),
-        "cat_post_type": 8, "cat_surface": 3,
-    }
+    # Ids get vocabularies from the training window, as any log's: 0 = unknown, 1..V known.
+    vocabs = read_vocabs(out)
+    assert meta["vocab_sizes"] == {column: len(values) + 1 for column, values in vocabs.items()}
+    raw = raw_log(out)
+    train = raw["timestamp"] < meta["splits"]["train"]["end"]
+    assert vocabs["item_ids"] == sorted(set(raw["post_id"][train].tolist()))
+    assert set(vocabs["item_ids"]) <= set(range(len(latents["post_vec"])))
+    assert vocabs["author_ids"] == sorted(set(raw["author_id"][train].tolist()))
+    assert vocabs["cat_post_type"] == list(range(8)) and vocabs["cat_surface"] == list(range(3))
     assert latents["post_vec"].shape[1] == SyntheticConfig().dim
     assert latents["member_vec"].shape[0] == NUM_MEMBERS
 
@@ -152,15 +161,19 @@ def test_rows_are_time_sorted_and_every_impression_is_one_target(dataset, log):
     assert len(np.unique(log["member_id"])) == NUM_MEMBERS  # every member is somewhere
 
 
-def test_context_is_point_in_time(log):
+def test_context_is_point_in_time(dataset, log):
     assert np.all(log["ctx_post_age"] >= 0)  # never a post created after the impression
-    # Author affinity counts clicks on the author in strictly earlier impressions only.
-    clicks, authors = action(log, "click"), log["author_ids"]
+    # Author affinity counts clicks on the author (raw ids: authors unseen in training share the
+    # dense id 0) in strictly earlier impressions only; impressions are unique per (member, time).
+    raw = raw_log(dataset[0])
+    assert np.array_equal(raw["member_id"], log["member_id"]) and np.array_equal(raw["timestamp"], log["timestamps"])
+    clicks, authors = raw["click"].astype(bool), raw["author_id"]
     for m in np.unique(log["member_id"])[:200]:
         rows = np.flatnonzero(log["member_id"] == m)
         earlier = [np.sum(clicks[rows[:k]] & (authors[rows[:k]] == authors[i]))
                    for k, i in enumerate(rows)]
         np.testing.assert_allclose(log["ctx_author_affinity"][rows], np.log1p(earlier), rtol=1e-6)
+    np.testing.assert_allclose(log["ctx_post_age"], raw["post_age"])  # passed through as logged
 
 
 def test_bad_parameters_name_the_value(tmp_path):
@@ -187,9 +200,9 @@ def test_click_rate_falls_with_feed_position(log):
 def recent_similar_click_lift(data_dir) -> float:
     """Click rate after a click on a similar post (cosine > 0.7) in the member's last 3
     impressions, over the rate after a click on dissimilar posts only (cosine < 0.2)."""
-    log = full_log(data_dir)
-    post_vec = np.load(data_dir / LATENTS_FILE)["post_vec"][log["item_ids"]]
-    clicks, member = action(log, "click"), log["member_id"]
+    log = raw_log(data_dir)
+    post_vec = np.load(data_dir / LATENTS_FILE)["post_vec"][log["post_id"]]
+    clicks, member = log["click"].astype(bool), log["member_id"]
     similar = np.zeros(len(clicks), dtype=bool)
     dissimilar = np.zeros(len(clicks), dtype=bool)
     for lag in (1, 2, 3):
@@ -246,7 +259,7 @@ def test_make_synthetic_prints_the_oracle_auc_of_the_test_split(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     meta = read_dataset_meta(out)
-    assert f"{meta['vocab_sizes']['item_ids']} posts" in done.stdout
+    assert f"{meta['vocab_sizes']['item_ids']} post ids" in done.stdout
     test = load_targets(out, "test", ["action_bits"] + [f"true_{a}" for a in ACTION_NAMES])
     labels = decode_actions(test["action_bits"], len(ACTION_NAMES))
     oracle = [roc_auc(test[f"true_{a}"], labels[:, i]) for i, a in enumerate(ACTION_NAMES)]

@@ -108,28 +108,28 @@ def tasks_of(cfg: DataConfig) -> list[Task]:
     return build_tasks([t if isinstance(t, dict) else vars(t) for t in cfg.tasks], cfg.action_names)
 
 
-def ensure_dataset(cfg: DataConfig) -> dict:
-    """The dataset's metadata; generates synthetic data first if configured and missing.
+def ensure_dataset(cfg: DataConfig, generate=None) -> dict:
+    """The dataset's metadata; generates synthetic data first if configured (``data.generate``)
+    and missing, with ``generate`` (``feedsr.prepare.synthetic.generate``: simulate a log, then
+    the log pipeline, a layer above this one, which the trainer passes in).
 
     A file lock makes concurrent ranks wait for the one that generates.
     """
     path = Path(cfg.path)
     meta = read_dataset_meta(path)
-    if meta is None and cfg.generate is not None:
+    if meta is None and cfg.generate is not None and generate is not None:
         check_writable(path)  # before the lock file lands beside it
         path.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f".{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             meta = read_dataset_meta(path)
             if meta is None:
-                from feedsr.data.synthetic import generate
-
                 print(f"[data] generating synthetic data into {path} ({dict(cfg.generate)})", flush=True)
                 meta = generate(path, max_seq_len=cfg.max_seq_len, **dict(cfg.generate))
     if meta is None:
         raise DataError(
-            f"{path}: no dataset.json: not a feedsr dataset (make one with scripts/make_synthetic.py "
-            "or scripts/prepare_kuairand.py, or write the schema in the README yourself)"
+            f"{path}: no dataset.json: not a feedsr dataset (make one with scripts/make_synthetic.py, "
+            "python -m feedsr.prepare or scripts/prepare_kuairand.py, or write the schema in the README yourself)"
         )
     if meta.get("action_names") and list(meta["action_names"]) != list(cfg.action_names):
         raise DataError(

@@ -39,25 +39,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from feedsr.data.pit import counts_before
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX
-from feedsr.data.sequences import (
-    DATASET_META,
-    Split,
-    check_log,
-    write_dataset_meta,
-    write_split,
-)
-from feedsr.data.tasks import encode_actions
-from feedsr.data.output import claim
-from feedsr.data.vocab import VOCAB_SIZES
+from feedsr.data.schema import TRUE_PROB_PREFIX
+from feedsr.data.sequences import Split
 
 ACTION_NAMES = ("click", "long_view", "like", "comment", "share")
 CONTEXT_NAMES = ("post_quality", "post_age", "author_affinity")
 LATENTS_FILE = "latents.npz"
+LOG_FILE = "impressions.parquet"
 DAY_S = 86_400
 # Engagements that feed the member's sequential state (clicks and likes, per the model above).
 _STATE_ACTIONS = ("click", "like")
@@ -479,29 +471,23 @@ def _build_log(
     posts: np.ndarray,
     probs: np.ndarray,
     actions: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The flat per-impression log that ``write_split`` takes."""
-    authors = catalog.post_author[posts]
-    clicks = actions[:, [ACTION_NAMES.index("click")]].astype(np.int64)  # (n, 1)
-    earlier_clicks = counts_before([timeline.member, authors], timeline.timestamps, clicks)[:, 0]
+) -> pa.Table:
+    """The flat impression log, one row per impression, in the raw form of any log (columns in
+    ``LOG_COLUMNS``); ``feedsr.prepare`` turns it into sequences."""
     log = {
         "member_id": timeline.member,
-        "item_ids": posts,
-        "author_ids": authors,
-        "timestamps": timeline.timestamps,
-        "positions": timeline.positions,
-        "action_bits": encode_actions(actions),
-        CATEGORICAL_PREFIX + "post_type": catalog.post_type[posts],
-        CATEGORICAL_PREFIX + "surface": timeline.surfaces,
-        CONTEXT_PREFIX + "post_quality": catalog.post_quality_obs[posts].astype(np.float32),
-        CONTEXT_PREFIX + "post_age": np.log1p(_age_hours(timeline, catalog, posts)).astype(
-            np.float32
-        ),
-        CONTEXT_PREFIX + "author_affinity": np.log1p(earlier_clicks).astype(np.float32),
+        "post_id": posts,
+        "author_id": catalog.post_author[posts],
+        "timestamp": timeline.timestamps,
+        "position": timeline.positions,
+        **{name: actions[:, i].astype(np.int8) for i, name in enumerate(ACTION_NAMES)},
+        "post_type": catalog.post_type[posts],
+        "surface": timeline.surfaces,
+        "post_quality": catalog.post_quality_obs[posts].astype(np.float32),
+        "post_age": np.log1p(_age_hours(timeline, catalog, posts)).astype(np.float32),
+        **{TRUE_PROB_PREFIX + name: probs[:, i].astype(np.float32) for i, name in enumerate(ACTION_NAMES)},
     }
-    for i, name in enumerate(ACTION_NAMES):
-        log[TRUE_PROB_PREFIX + name] = probs[:, i].astype(np.float32)
-    return log
+    return pa.table(log)
 
 
 def _splits(cfg: SyntheticConfig) -> list[Split]:
@@ -526,19 +512,23 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def generate(
-    out_dir: str | Path, num_members: int, seed: int, max_seq_len: int = 256, **params
-) -> dict:
-    """Generate a synthetic dataset under ``out_dir`` and return its metadata.
+@dataclass(frozen=True)
+class Simulation:
+    """What ``write_log`` wrote: the parameters, the split boundaries and the files."""
 
-    Writes ``out_dir/{train,valid,test}/part-*.parquet`` (sequence rows, see
-    ``feedsr.data.sequences``), ``out_dir/latents.npz`` (the latent vectors and post attributes,
-    for checks) and ``out_dir/dataset.json`` last. ``params`` are ``SyntheticConfig`` fields.
-    The same arguments always give the same tables.
-    """
+    config: SyntheticConfig
+    splits: list[Split]
+    log_path: Path
+    latents_path: Path
+
+
+def write_log(out_dir: str | Path, num_members: int, seed: int, **params) -> Simulation:
+    """Simulate and write the flat impression log ``out_dir/impressions.parquet`` and the latent
+    vectors ``out_dir/latents.npz`` (for checks); ``params`` are ``SyntheticConfig`` fields. The
+    same arguments always give the same files. ``feedsr.prepare.synthetic.generate`` turns the
+    log into a dataset, the one path from log to sequences."""
     num_members = _check_int("num_members", num_members, 1)
     seed = _check_int("seed", seed, 0)
-    max_seq_len = _check_int("max_seq_len", max_seq_len, 1)
     cfg = _make_config(params)
     rng = np.random.default_rng(seed)
 
@@ -549,13 +539,12 @@ def generate(
     static = _static_logits(cfg, timeline, member_vec, catalog, posts)
     probs, actions = _draw_actions(rng, cfg, timeline, catalog.post_vec[posts], static)
     log = _build_log(timeline, catalog, posts, probs, actions)
-    check_log(log)
 
-    out_dir = claim(out_dir)  # never over a user's files
-    # dataset.json marks a complete dataset: drop an old one before overwriting its files.
-    (out_dir / DATASET_META).unlink(missing_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latents = out_dir / LATENTS_FILE
     np.savez(
-        out_dir / LATENTS_FILE,
+        latents,
         member_vec=member_vec,
         author_vec=catalog.author_vec,
         post_vec=catalog.post_vec,
@@ -566,32 +555,14 @@ def generate(
         type_effect=catalog.type_effect,
         follows=follows,
     )
-    split_counts = {
-        split.name: write_split(out_dir, log, split, list(ACTION_NAMES), max_seq_len)
-        for split in _splits(cfg)
-    }
-    meta = {
-        "source": "synthetic",
-        "action_names": list(ACTION_NAMES),
-        "categorical": ["post_type", "surface"],
-        VOCAB_SIZES: {
-            "item_ids": len(catalog.post_vec),
-            "author_ids": len(catalog.author_vec),
-            CATEGORICAL_PREFIX + "post_type": cfg.num_post_types,
-            CATEGORICAL_PREFIX + "surface": len(cfg.surface_probs),
-        },
-        "context": list(CONTEXT_NAMES),
-        "true_probs": list(ACTION_NAMES),
-        "num_members": num_members,
-        "seed": seed,
-        # Lists, not tuples, so the returned dict equals dataset.json once read back.
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-        "max_seq_len": max_seq_len,
-        "latents": LATENTS_FILE,
-        "splits": split_counts,
-    }
-    write_dataset_meta(out_dir, meta)
-    return meta
+    path = out_dir / LOG_FILE
+    pq.write_table(log, path, row_group_size=1 << 20)
+    return Simulation(cfg, _splits(cfg), path, latents)
+
+
+def config_dict(cfg: SyntheticConfig) -> dict:
+    """The parameters as JSON values (lists, not tuples, so they equal dataset.json read back)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
 def load_targets(data_dir: str | Path, split: str, columns: list[str]) -> dict[str, np.ndarray]:

@@ -49,6 +49,12 @@ class ColumnsConfig:
     position: str | None = None  # integer feed position, 0 = top; null: unknown (-1)
     actions: dict[str, str] = field(default_factory=dict)
     categoricals: dict[str, str] = field(default_factory=dict)
+    # Per-impression numbers the log already holds, valued as of the impression (a content score,
+    # an observed quality): name -> numeric column, written as ``ctx_<name>`` unchanged.
+    numeric: dict[str, str] = field(default_factory=dict)
+    # The true probability of each action where it is known (synthetic logs: the oracle):
+    # action -> numeric column, written as ``true_<action>``.
+    true_probs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +227,8 @@ class PrepareConfig:
                     "member_table.author/created", (self.member_table.author, self.member_table.created),
                     "null (authors and creation times are item attributes)")
         self._check_names()
+        require(set(self.columns.true_probs) <= set(self.columns.actions), "columns.true_probs",
+                dict(self.columns.true_probs), f"keyed by actions of columns.actions {list(self.columns.actions)}")
         for f in self.features:
             self._check_feature(f)
 
@@ -236,8 +244,9 @@ class PrepareConfig:
         return list(self.columns.categoricals) + [c for t in self.side_tables().values() for c in t.categorical]
 
     def context_names(self) -> list[str]:
-        """Every ``ctx_`` name: the side tables' numeric columns, then the features."""
-        return [c for t in self.side_tables().values() for c in t.numeric] + [f.name for f in self.features]
+        """Every ``ctx_`` name: the log's numeric columns, the side tables', then the features."""
+        return (list(self.columns.numeric) + [c for t in self.side_tables().values() for c in t.numeric]
+                + [f.name for f in self.features])
 
     def side_tables(self) -> dict[str, SideTableConfig]:
         tables = {"item_table": self.item_table, "member_table": self.member_table}

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feedsr.data.output import claim
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, UNKNOWN_POSITION, DataError
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX, UNKNOWN_POSITION, DataError
 from feedsr.data.sequences import DATASET_META, SplitWriter, check_log, write_dataset_meta
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
@@ -102,6 +102,8 @@ def events_sql(cfg: PrepareConfig, engine) -> str:
     ]
     cols += [f"CAST({log(col)} AS INTEGER) AS {quote('act_' + a)}" for a, col in c.actions.items()]
     cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
+    cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(CONTEXT_PREFIX + n)}" for n, col in c.numeric.items()]
+    cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(TRUE_PROB_PREFIX + a)}" for a, col in c.true_probs.items()]
     joins = ""
     for role, table in cfg.side_tables().items():
         alias, on = SIDE_JOINS[role]
@@ -241,6 +243,8 @@ def to_log(table: pa.Table, cfg: PrepareConfig, vocabs: dict[str, np.ndarray]) -
     log |= ids
     for name in cfg.context_names():
         log[CONTEXT_PREFIX + name] = table[CONTEXT_PREFIX + name].to_numpy().astype(np.float32)
+    for action in cfg.columns.true_probs:
+        log[TRUE_PROB_PREFIX + action] = table[TRUE_PROB_PREFIX + action].to_numpy().astype(np.float32)
     return log
 
 
@@ -272,10 +276,11 @@ def write_splits(out: Path, chunks: Iterator[pa.Table], cfg: PrepareConfig, voca
     return {writer.split.name: c for writer, c in zip(writers, counts)}
 
 
-def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
+def run(cfg, chunk_rows: int = CHUNK_ROWS, extra_meta: dict | None = None) -> dict:
     """Prepare the dataset of a composed config (DictConfig, dict or PrepareConfig); return its
     dataset.json. Raises PrepareError naming the key, file or column for bad config or input.
-    ``chunk_rows``: impressions windowed at a time (the output does not depend on it)."""
+    ``chunk_rows``: impressions windowed at a time (the output does not depend on it);
+    ``extra_meta``: more dataset.json entries (a generator's parameters)."""
     cfg = to_prepare_config(cfg)
     splits = cfg.split_list()
     out, progress = Path(cfg.out), Progress()
@@ -290,7 +295,7 @@ def run(cfg, chunk_rows: int = CHUNK_ROWS) -> dict:
         engine.close()
     vocab_values = {column: vocab.tolist() for column, vocab in vocabs.items()}
     write_vocabs(out, vocab_values)
-    meta = dataset_meta(cfg, counts, vocab_values, dropped)
+    meta = dataset_meta(cfg, counts, vocab_values, dropped) | (extra_meta or {})
     write_dataset_meta(out, meta)
     progress(f"wrote {out / DATASET_META}")
     return meta
@@ -330,17 +335,25 @@ def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Pr
     return vocabs, counts, {"duplicates_dropped": duplicates, "history_impressions": history}
 
 
+def relative_to_out(source: str, out: str) -> str:
+    """A source inside the dataset folder (a generator's log) relative to it, so that the same
+    dataset made in two places has the same dataset.json; anything else as given."""
+    path = Path(source)
+    return str(path.relative_to(out)) if path.is_relative_to(out) else source
+
+
 def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, dropped: dict) -> dict:
     return {
         "source": cfg.name,
         "action_names": list(cfg.columns.actions),
         "categorical": cfg.categorical_names(),
         "context": cfg.context_names(),
-        "true_probs": [],
+        "true_probs": list(cfg.columns.true_probs),
         VOCAB_SIZES: {column: vocab_size(values) for column, values in vocabs.items()},
         "splits": counts,
         **dropped,
-        "inputs": list(cfg.logs) + list(cfg.history.logs) + [t.path for t in cfg.side_tables().values()],
+        "inputs": [relative_to_out(p, cfg.out) for p in
+                   list(cfg.logs) + list(cfg.history.logs) + [t.path for t in cfg.side_tables().values()]],
         "time_unit": cfg.time.unit,
         "timezone": cfg.time.timezone,
         "max_seq_len": cfg.max_seq_len,

@@ -42,6 +42,8 @@ def log_roles(cfg: PrepareConfig) -> list[tuple[str, str, str]]:
         roles.append(("columns.position", c.position, "integer"))
     roles += [(f"columns.actions.{a}", col, "action") for a, col in c.actions.items()]
     roles += [(f"columns.categoricals.{n}", col, "key") for n, col in c.categoricals.items()]
+    roles += [(f"columns.numeric.{n}", col, "numeric") for n, col in c.numeric.items()]
+    roles += [(f"columns.true_probs.{a}", col, "numeric") for a, col in c.true_probs.items()]
     return roles
 
 
@@ -67,7 +69,7 @@ def check_columns(path: str, types: dict[str, str], roles: list[tuple[str, str, 
 def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
     c = cfg.columns
-    keys = [c.member, c.item, c.timestamp]
+    keys = [c.member, c.item, c.timestamp, *c.numeric.values(), *c.true_probs.values()]
     actions = list(c.actions.values())
     exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
     exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]
@@ -75,8 +77,8 @@ def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     [(rows, t_min, t_max, *bad)] = engine.fetch(f"SELECT {', '.join(exprs)} FROM {engine.source(path)}")
     for column, nulls in zip(keys, bad[: len(keys)]):
         if nulls:
-            raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids and timestamps "
-                               "must be set on every row")
+            raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids, timestamps and "
+                               "numeric columns must be set on every row (a query source can fill them)")
     for (name, column), count in zip(c.actions.items(), bad[len(keys):]):
         if count:
             raise PrepareError(f"{path}: column '{column}' (action '{name}') has {count} values that are "

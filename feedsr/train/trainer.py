@@ -177,9 +177,11 @@ class Trainer:
 
     def _dataset_meta(self) -> dict:
         """Rank 0 generates synthetic data if needed; the others wait, then read its metadata."""
+        from feedsr.prepare.synthetic import generate  # DuckDB: imported only here
+
         check_dataset(self.config.data)
         if self.ctx.is_main:
-            meta = ensure_dataset(self.config.data)
+            meta = ensure_dataset(self.config.data, generate)
         barrier()
         if not self.ctx.is_main:
             meta = ensure_dataset(self.config.data)
