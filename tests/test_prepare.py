@@ -261,9 +261,12 @@ def small(tmp_path):
     return log, write_log(log, tmp_path / "log.parquet"), write_items(tmp_path / "items.parquet")
 
 
-def test_every_feature_kind_equals_brute_force(small, tmp_path):
+@pytest.mark.parametrize("window_method", ["range", "probe"])  # auto picks one per key set
+def test_every_feature_kind_equals_brute_force(small, tmp_path, window_method):
     log, log_path, items_path = small
-    meta = run(config(log_path, items_path, tmp_path / "out", one_split(log)))
+    cfg = config(log_path, items_path, tmp_path / "out", one_split(log))
+    cfg["engine"] |= {"window_method": window_method}
+    meta = run(cfg)
     got = output_features(tmp_path / "out")
     keys = log_keys(log)
     assert sorted(got) == sorted(set(keys))  # every impression once, nothing else

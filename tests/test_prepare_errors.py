@@ -128,11 +128,23 @@ def test_bad_side_table_names_the_file_and_column(tmp_path, changes, pattern):
      r"member_table\.author/created must be null"),
     ({"engine": {"memory_limit": "lots"}}, r"engine\.memory_limit must be a size such as 512MB or 8GB, got 'lots'"),
     ({"colums": {}}, r"invalid config: Key 'colums' not in 'PrepareConfig'"),
+    ({"engine": {"name": "bigquery"}}, r"engine\.name must be one of \['duckdb', 'spark'\], got 'bigquery'"),
+    ({"engine": {"window_method": "fast"}}, r"engine\.window_method must be one of"),
+    ({"columns": {"member": "member_id", "item": "item_id", "timestamp": "ts", "actions": {"click": "click"},
+                  "true_probs": {"like": "p_like"}}}, r"columns\.true_probs must be keyed by actions"),
 ])
 def test_bad_config_names_the_key(tmp_path, change, pattern):
     cfg = config(tmp_path / "log.parquet", tmp_path / "items.parquet", tmp_path / "out", ["0", "1"]) | change
     with pytest.raises(PrepareError, match=pattern):
         to_prepare_config(cfg)
+
+
+def test_engine_group_picks_the_engine_without_overriding_a_configs_own():
+    from feedsr.prepare.config import compose_prepare_config
+
+    engine = lambda *overrides: compose_prepare_config(list(overrides)).prepare.engine.name  # noqa: E731
+    assert engine() == "duckdb" and engine("engine=spark") == "spark"
+    assert engine("prepare.engine.name=spark") == "spark"  # as a prepare/<name>.yaml may set it
 
 
 def test_split_boundaries_read_dates_in_the_time_zone():

@@ -26,10 +26,12 @@ each label was drawn with; tasks are correlated through the shared interest term
 
 Members have lognormal numbers of impressions grouped into sessions (seconds apart inside a
 session, at least ``min_session_gap_s`` between sessions) over a window of ``num_days`` days.
-The log is split by time into train/valid/test and written with ``feedsr.data.sequences``; the
-latent vectors go to ``latents.npz`` so tests can recompute similarities. Ids are already dense:
-posts 0..P-1, authors 0..A-1, each categorical 0..K-1, all known (no unknown row), so dataset.json
-records vocabulary sizes P, A and K (``feedsr.data.vocab``).
+``write_log`` writes the flat impression log (``impressions.parquet``: raw ids, the actions, the
+observed features, ``true_<action>``) and the latent vectors (``latents.npz``, so tests can
+recompute similarities); ``feedsr.prepare.synthetic.generate`` turns the log into a dataset
+through the log pipeline, as any log: train/valid/test by whole days, vocabularies from the
+training window (a post first shown later is unknown), ``ctx_author_affinity`` as a
+point-in-time feature.
 """
 
 from __future__ import annotations

@@ -187,9 +187,14 @@ class EngineConfig:
     temp_directory: str | None = None  # spill / scratch folder; null: DuckDB's default, the system's temp
     spark_master: str | None = None  # null: local[threads]; e.g. yarn or spark://host:7077
     spark_conf: dict[str, str] = field(default_factory=dict)  # extra Spark settings
+    # Trailing windows: RANGE frames (fast on small partitions) or probes (any partition size);
+    # auto picks per key set by its largest rows per key (feedsr/prepare/features.py). Same values.
+    window_method: str = "auto"  # auto | range | probe
 
     def __post_init__(self):
         require(self.name in ENGINE_NAMES, "engine.name", self.name, f"one of {list(ENGINE_NAMES)}")
+        require(self.window_method in ("auto", "range", "probe"), "engine.window_method", self.window_method,
+                "one of ['auto', 'range', 'probe']")
         require(re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.memory_limit) is not None, "engine.memory_limit",
                 self.memory_limit, "a size such as 512MB or 8GB")
         require(self.threads is None or self.threads >= 1, "engine.threads", self.threads, ">= 1 or null")

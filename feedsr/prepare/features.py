@@ -4,25 +4,25 @@ The rule every kind keeps: a feature of an impression at raw time t sees only ev
 with a time t' < t. Events sharing a timestamp never see each other, whatever order they are
 stored in; a trailing window of W seconds holds t - W <= t' < t.
 
-How the SQL is shaped, for speed (one window expression over the wide events table per feature
-cost ~0.3 s per 100k impressions each; see docs/prepare.md):
+How the SQL is shaped, for speed (one window expression per feature over the wide events table,
+with RANGE frames, cost 0.1-0.4 s per 100k impressions each; see docs/prepare.md):
 
 1. Features are grouped by their key set K (member; item; member x author; ...; the session
    features by (member, session)). Per K, a narrow table ``g`` holds one row per (K, raw time):
    the impressions at that time and, per action used, how many had it. Rows whose key is NULL are
-   left out.
-2. Over ``g``, per K, every feature is one window expression ordered by time. Because ``g`` has
-   one row per time, "strictly earlier" is a cumulative sum minus the current row (a ROWS frame,
-   which the engine computes in one streaming pass), the previous row (LAG), or a RANGE frame
-   ``W PRECEDING AND 1 PRECEDING`` for trailing windows. All of K's features share one sort of
-   a table narrower and shorter than the events.
+   left out (and so are pre-window history rows unless history.count_in_features).
+2. Over ``g``, per K, one sorted pass (``group_ctes``): "strictly earlier" sums are running sums
+   minus the current row (ROWS frames), previous times are running maxima, and trailing windows
+   are differences of running sums read at probe rows placed at ``t - W``. No RANGE frames with
+   offsets: DuckDB scans those frames, which is slow on big partitions.
 3. ``last_k_mean`` needs single impressions, not times: per feature, a narrow row-level query
    (ROWS frame over a total order), keeping the first row of each tie group, whose k preceding
-   rows are exactly the k latest strictly earlier ones; joined onto K's ``g`` rows.
-4. The events are joined with each K's table on (K, time). A NULL key matches nothing; the outer
-   expression gives such impressions the value of a key without history (counts 0, rates the
-   prior, the rest NULL), then applies log1p, fills NULL with the feature's ``fill`` and casts to
-   FLOAT.
+   rows are exactly the k latest strictly earlier ones; joined onto K's rows.
+4. ``feature_tables``: per K, the events' ``rid`` joined with K's rows on (K, time), stored in rid
+   order. A NULL key matches nothing; the outer expression gives such impressions the value of a
+   key without history (counts 0, rates the prior, the rest NULL), then applies log1p, fills NULL
+   with the feature's ``fill`` and casts to FLOAT. ``range_queries`` reads a rid range of the
+   events (with the row-level kinds computed) and of every feature table.
 
 Kinds (``FeatureConfig.kind``):
 
@@ -213,7 +213,7 @@ def last_k_sql(f: FeatureConfig, keys: tuple[str, ...], source: str, counted: st
 
 
 def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], time: TimeConfig,
-               source: str, counted: str = "") -> list[tuple[str, str]]:
+               source: str, counted: str = "", probes: bool = True) -> list[tuple[str, str]]:
     """The CTEs (name, query) of key set K, ending with ``w<i>``: one row per (K, t) with a
     ``f_<name>`` column per feature.
 
@@ -227,9 +227,12 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
       (running sum - own count), windowed ones minus the probe's sum.
     - ``w<i>``: the features, with the last-k means joined on.
 
-    Only ROWS frames, sorts and GROUP BYs: engines evaluate ``RANGE BETWEEN W PRECEDING`` frames
-    far slower on big partitions (a tab, a tag: DuckDB 2.0 scans the frame), and this runs the
-    same in any SQL engine.
+    Probes need only ROWS frames, sorts and GROUP BYs: engines evaluate ``RANGE BETWEEN W
+    PRECEDING`` frames far slower on big partitions (a tab, a tag: DuckDB 2.0 scans the frame).
+    On small partitions (a member, an item: ``probes=False``, chosen by ``use_probes``) a RANGE
+    frame over the ``g`` rows is cheaper than sorting (1 + windows) times the rows: then ``r<i>``
+    has no probe rows and takes the window sums from RANGE frames, and ``p<i>`` needs no pivot.
+    Both give the same values.
     """
     part = ", ".join(_columns(keys))
     actions = sorted({f.action for f in features if f.action and f.kind != "last_k_mean"})
@@ -240,14 +243,18 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
     needed = sorted({s for f in features for s in sums_needed(f, time)}, key=lambda s: (s[0], s[1] or 0))
     summed = sorted({x for x, _ in needed})
     windows = sorted({w for _, w in needed if w is not None})
+    probes = probes and bool(windows)
     union = (f"SELECT {part}, {TIME} AS probe_t, 1 AS is_data, {TIME} AS own_t, -1 AS wid"
              f"{''.join(', ' + quote(x) for x in counts)} FROM g{i}")
     zeros = "".join(f", 0.0 AS {quote(x)}" for x in counts)
-    for j, w in enumerate(windows):
+    for j, w in enumerate(windows if probes else []):
         union += f" UNION ALL SELECT {part}, {TIME} - {w}, 0, {TIME}, {j}{zeros} FROM g{i}"
-    order = f"PARTITION BY {part} ORDER BY probe_t, is_data"
+    order = f"PARTITION BY {part} ORDER BY probe_t" + (", is_data" if probes else "")
     running = [f"SUM({quote(x)}) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) "
                f"AS {quote('s_' + x)}" for x in summed]
+    if not probes:  # one row per time, so RANGE ... 1 PRECEDING is exactly "strictly earlier"
+        running += [f"COALESCE(SUM({quote(x)}) OVER ({order} RANGE BETWEEN {w} PRECEDING AND 1 PRECEDING), 0) "
+                    f"AS {earlier(x, w)}" for x, w in needed if w is not None]
     previous = {}  # pivot column -> which data rows' times it takes the latest earlier of
     if any(f.kind == "since_impression" for f in features):
         previous[previous_time()] = "is_data = 1"
@@ -256,19 +263,32 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
     running += [f"MAX(CASE WHEN {cond} THEN probe_t END) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING "
                 f"AND 1 PRECEDING) AS {name}" for name, cond in previous.items()]
     r = f"SELECT {', '.join([part, 'own_t', 'wid', *map(quote, counts), *running])} FROM ({union}) u"
+    w_cte = (f"w{i}", features_sql(i, keys, features, time, source, counted))
+    if not probes:
+        columns = [f"{quote('s_' + x)} - {quote(x)} AS {earlier(x, None)}" for x in summed]
+        columns += [earlier(x, window) for x, window in needed if window is not None] + list(previous)
+        p = f"SELECT {', '.join([part, f'own_t AS {TIME}', *columns])} FROM r{i}"
+        return [(f"g{i}", g), (f"r{i}", r), (f"p{i}", p), w_cte]
     before = {x: f"MAX(CASE WHEN wid = -1 THEN {quote('s_' + x)} - {quote(x)} END)" for x in summed}
     pivot = [f"{before[x]} AS {earlier(x, None)}" for x in summed]
     pivot += [f"{before[x]} - MAX(CASE WHEN wid = {windows.index(w)} THEN {quote('s_' + x)} END) "
               f"AS {earlier(x, w)}" for x, w in needed if w is not None]
     pivot += [f"MAX(CASE WHEN wid = -1 THEN {name} END) AS {name}" for name in previous]
     p = f"SELECT {', '.join([part, f'own_t AS {TIME}', *pivot])} FROM r{i} GROUP BY {part}, own_t"
+    return [(f"g{i}", g), (f"r{i}", r), (f"p{i}", p), w_cte]
+
+
+def features_sql(i: int, keys: tuple[str, ...], features: list[FeatureConfig], time: TimeConfig, source: str,
+                 counted: str) -> str:
+    """``w<i>``: per (K, t), a ``f_<name>`` column per feature, from ``p<i>`` and the last-k means."""
+    part = ", ".join(_columns(keys))
     f_cols = [f"{GROUPED[f.kind](f, time)} AS {quote('f_' + f.name)}" for f in features if f.kind in GROUPED]
     w = f"SELECT {part}, {TIME}{''.join(', ' + c for c in f_cols)} FROM p{i}"
     for f in (f for f in features if f.kind == "last_k_mean"):
         on = " AND ".join(f"w.{c} = l.{c}" for c in _columns(keys) + [TIME])
         w = (f"SELECT w.*, l.v AS {quote('f_' + f.name)} FROM ({w}) w "
              f"LEFT JOIN ({last_k_sql(f, keys, source, counted)}) l ON {on}")
-    return [(f"g{i}", g), (f"r{i}", r), (f"p{i}", p), (f"w{i}", w)]
+    return w
 
 
 def no_history_value(f: FeatureConfig) -> str:
@@ -295,15 +315,30 @@ def key_sets(cfg: PrepareConfig) -> dict[tuple[str, ...], list[FeatureConfig]]:
     return groups
 
 
-def feature_tables(cfg: PrepareConfig, source: str) -> list[tuple[str, str, list[FeatureConfig]]]:
+# Largest rows per key for which trailing windows use RANGE frames rather than probes (see
+# group_ctes): DuckDB's RANGE frames cost about the frame's rows per row, probes a sort of
+# (1 + windows) times the rows; measured at 1M impressions, RANGE wins up to a few thousand.
+RANGE_MAX_KEY_ROWS = 5_000
+
+
+def use_probes(largest_key_rows: int, method: str) -> bool:
+    """Whether a key set's trailing windows use probes: ``method`` (engine.window_method) auto,
+    range or probe; auto decides by the key set's largest number of rows per key."""
+    return method == "probe" or (method == "auto" and largest_key_rows > RANGE_MAX_KEY_ROWS)
+
+
+def feature_tables(cfg: PrepareConfig, source: str,
+                   largest: dict[tuple[str, ...], int] | None = None) -> list[tuple[str, str, list[FeatureConfig]]]:
     """Per key set: (table name ``feat<i>``, its query, its features). The table holds ``rid`` and
     the finished ``ctx_<name>`` columns of every impression of ``source`` (the events), sorted by
-    rid, so that a range of rids reads a range of the table."""
+    rid, so that a range of rids reads a range of the table. ``largest``: per key set, its largest
+    number of rows per key (``use_probes``); None: probes everywhere."""
     # History rows (history.logs) count for nobody unless history.count_in_features, and get the fill.
     counted = "" if cfg.history.count_in_features else f" AND {quote('history')} = 0"
     tables = []
     for i, (keys, features) in enumerate(key_sets(cfg).items()):
-        ctes = group_ctes(i, keys, features, cfg.time, source, counted)
+        probes = largest is None or use_probes(largest[keys], cfg.engine.window_method)
+        ctes = group_ctes(i, keys, features, cfg.time, source, counted, probes)
         with_ = "WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes)
         narrow = f"SELECT rid, {quote('history')}, {', '.join(_columns(keys))}, {TIME} FROM {source}"
         on = " AND ".join(f"e.{c} = w{i}.{c}" for c in _columns(keys) + [TIME])

@@ -1,21 +1,27 @@
-"""Flat impression log(s) -> the feedsr dataset layout, on DuckDB.
+"""Flat impression log(s) -> the feedsr dataset layout, on a SQL engine (DuckDB, or Spark SQL:
+feedsr/prepare/engine.py).
 
 Steps, each a function below:
 
 1. check the inputs (feedsr/prepare/sources.py): errors name the file, the column and the key;
-2. read the logs and drop exact duplicate rows (equal in every log column, counted);
+2. read the logs' role columns and drop exact duplicate rows (equal in every log column,
+   counted); add the pre-window history rows (``history.logs``) of members the log has;
 3. build ``events``: one row per impression with its roles (member, item, author, raw time ``t``,
-   position, ``act_<action>`` 0/1, ``cat_<name>`` raw values), the side tables joined on, and
-   sessions when a feature needs them;
+   position, ``act_<action>`` 0/1, ``cat_<name>`` raw values, pass-through ``ctx_``/``true_``
+   numbers), the side tables joined on, sessions when a feature needs them; stored in the output
+   order (member, time, then the log's values for ties) with ``rid`` increasing in it;
 4. dense id vocabularies from the training window (the first split and the history before it;
    0 = unknown), one DISTINCT query per id column;
-5. add the point-in-time features (feedsr/prepare/features.py) over all events, then keep those
-   before the last split boundary, sorted by (member, time), streamed out of DuckDB;
-6. per chunk of whole members (about ``chunk_rows`` impressions), in numpy: ids through the
-   vocabularies, action bits, whole-second timestamps; then the existing windowing
-   (``feedsr.data.sequences.SplitWriter``) appends each split's rows, and ``dataset.json`` comes last.
+5. the point-in-time features (feedsr/prepare/features.py), one table per key set, each holding
+   ``rid`` and its features, stored in rid order;
+6. per chunk of whole members (a rid range of about ``chunk_rows`` impressions): the events and
+   every feature table read over that range, side by side (no join: one row per rid in each);
+   then in numpy: ids through the vocabularies, action bits, whole-second timestamps, and the
+   existing windowing (``feedsr.data.sequences.SplitWriter``) appends each split's rows, the
+   splits written in parallel threads while the engine reads the next chunk; ``dataset.json``
+   comes last.
 
-Only step 6 holds impressions in Python, one chunk at a time: DuckDB keeps the rest within
+Only step 6 holds impressions in Python, one chunk at a time: the engine keeps the rest within
 ``engine.memory_limit`` and spills beyond it, so memory does not grow with the log.
 """
 
@@ -37,7 +43,14 @@ from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
 from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
 from feedsr.prepare.engine import connect
-from feedsr.prepare.features import feature_tables, needs_sessions, range_queries, session_sql
+from feedsr.prepare.features import (
+    feature_tables,
+    key_column,
+    key_sets,
+    needs_sessions,
+    range_queries,
+    session_sql,
+)
 from feedsr.prepare.sources import check_history, check_logs, check_side_table, log_roles, quote
 
 SIDE_JOINS = {"item_table": ("it", "item"), "member_table": ("mt", "member")}  # SQL alias, log role joined on
@@ -165,11 +178,22 @@ def output_order(cfg: PrepareConfig) -> str:
     return ", ".join(f"{quote(c)} NULLS LAST" for c in columns)
 
 
+def largest_key_rows(engine, cfg: PrepareConfig) -> dict[tuple[str, ...], int]:
+    """Per key set of the features: the most impressions any one key has (0 if none)."""
+    largest = {}
+    for keys in key_sets(cfg):
+        columns = ", ".join(key_column(k) for k in keys)
+        [(rows,)] = engine.fetch(f"SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM events "
+                                 f"GROUP BY {columns}) c")
+        largest[keys] = rows
+    return largest
+
+
 def build_feature_tables(engine, cfg: PrepareConfig, progress: Progress) -> list[str]:
     """One table per key set (feedsr/prepare/features.py), each computed and stored on its own,
     so that no query holds every feature of every impression at once."""
     names = []
-    for name, sql, features in feature_tables(cfg, "events"):
+    for name, sql, features in feature_tables(cfg, "events", largest_key_rows(engine, cfg)):
         engine.create_table(name, sql)
         names.append(name)
         keys = "x".join(sorted({k for f in features for k in (f.keys or ["member", "session"])}))
