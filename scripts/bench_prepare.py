@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -160,7 +161,7 @@ FEATURES = [
 ]
 
 
-def prepare_config(work: Path, memory_limit: str) -> dict:
+def prepare_config(work: Path, memory_limit: str, window_method: str = "auto") -> dict:
     """The prepare config: 7 days of history, then train 14 days, valid 4, test 3."""
     bounds = [str((T0_MS + d * DAY_MS) // 1000) for d in (7, 21, 25, 28)]
     return {
@@ -175,7 +176,8 @@ def prepare_config(work: Path, memory_limit: str) -> dict:
         "features": FEATURES,
         "splits": {"names": ["train", "valid", "test"], "boundaries": bounds},
         "max_seq_len": 256, "rows_per_file": 8192,
-        "engine": {"memory_limit": memory_limit, "temp_directory": str(work / "duckdb_tmp")},
+        "engine": {"memory_limit": memory_limit, "temp_directory": str(work / "duckdb_tmp"),
+                   "window_method": window_method},
     }
 
 
@@ -184,6 +186,12 @@ PROGRESS = re.compile(r"^\[prepare\s+([\d.]+)s\] (.*)$")
 STEPS = [("checked", "checks"), ("dropped", "read + dedup"), ("built events", "events + joins"),
          ("built vocabularies", "vocabularies"), ("computed", "feature query + sort"),
          ("wrote", "windowing + writing")]
+
+
+def key_set_lines(lines: list[str]) -> list[str]:
+    """The per-key-set progress lines (seconds since start, key set, window method)."""
+    return [line.split("] ", 1)[0].split()[-1] + " " + line.split("] computed ", 1)[1]
+            for line in lines if "features keyed by" in line]
 
 
 def step_times(lines: list[str]) -> dict[str, float]:
@@ -222,16 +230,17 @@ def run_prepare(work: Path, cfg: dict) -> tuple[float, int, list[str]]:
     return seconds, usage.ru_maxrss * 1024, lines  # Linux: ru_maxrss in KiB
 
 
-def bench(n: int, work: Path, memory_limit: str) -> dict:
+def bench(n: int, work: Path, memory_limit: str, window_method: str = "auto") -> dict:
     start = time.perf_counter()
     generate(work, n)
     print(f"N = {n:,}: log ready in {time.perf_counter() - start:.0f} s ({shape(n)})", flush=True)
-    seconds, peak, lines = run_prepare(work, prepare_config(work, memory_limit))
+    seconds, peak, lines = run_prepare(work, prepare_config(work, memory_limit, window_method))
     meta = json.loads((work / "out" / "dataset.json").read_text())
     steps = step_times(lines)
     steps["startup + exit"] = round(seconds - sum(steps.values()), 1)
     return {"impressions": n, "seconds": seconds, "impressions_per_s": n / seconds,
             "peak_rss_gb": peak / 1e9, "steps_s": steps, "memory_limit": memory_limit,
+            "window_method": window_method, "key_sets": key_set_lines(lines),
             "features": len(meta["features"]), "context": len(meta["context"]),
             "splits": meta["splits"], "duplicates_dropped": meta["duplicates_dropped"]}
 
@@ -269,6 +278,8 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/feedsr_bench_prepare"),
                    help="logs, DuckDB spill and the prepared datasets go under WORK/<N>")
     p.add_argument("--memory-limit", default="4GB", help="engine.memory_limit")
+    p.add_argument("--window-method", default="auto", choices=["auto", "range", "probe"],
+                   help="engine.window_method")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--each-feature", type=int, metavar="N", help="time each feature alone on N impressions")
     return p.parse_args(argv)
@@ -286,7 +297,9 @@ def main(argv=None) -> list[dict]:
         return [alone]
     results = []
     for n in args.sizes:
-        result = bench(n, args.work / str(n), args.memory_limit)
+        if (args.work / str(n) / "out").exists():  # a dataset of an earlier run: prepare writes anew
+            shutil.rmtree(args.work / str(n) / "out")
+        result = bench(n, args.work / str(n), args.memory_limit, args.window_method)
         results.append(result)
         print(f"N = {n:,}: {result['seconds']:.1f} s, {result['impressions_per_s']:,.0f} impressions/s, "
               f"peak RSS {result['peak_rss_gb']:.2f} GB")

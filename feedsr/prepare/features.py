@@ -252,8 +252,10 @@ def group_ctes(i: int, keys: tuple[str, ...], features: list[FeatureConfig], tim
     order = f"PARTITION BY {part} ORDER BY probe_t" + (", is_data" if probes else "")
     running = [f"SUM({quote(x)}) OVER ({order} ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) "
                f"AS {quote('s_' + x)}" for x in summed]
-    if not probes:  # one row per time, so RANGE ... 1 PRECEDING is exactly "strictly earlier"
-        running += [f"COALESCE(SUM({quote(x)}) OVER ({order} RANGE BETWEEN {w} PRECEDING AND 1 PRECEDING), 0) "
+    if not probes:
+        # One row per time, so the frame up to CURRENT ROW minus the row itself is exactly
+        # t - W <= t' < t (DuckDB evaluates "... AND 1 PRECEDING" several times slower).
+        running += [f"SUM({quote(x)}) OVER ({order} RANGE BETWEEN {w} PRECEDING AND CURRENT ROW) - {quote(x)} "
                     f"AS {earlier(x, w)}" for x, w in needed if w is not None]
     previous = {}  # pivot column -> which data rows' times it takes the latest earlier of
     if any(f.kind == "since_impression" for f in features):
@@ -316,9 +318,11 @@ def key_sets(cfg: PrepareConfig) -> dict[tuple[str, ...], list[FeatureConfig]]:
 
 
 # Largest rows per key for which trailing windows use RANGE frames rather than probes (see
-# group_ctes): DuckDB's RANGE frames cost about the frame's rows per row, probes a sort of
-# (1 + windows) times the rows; measured at 1M impressions, RANGE wins up to a few thousand.
-RANGE_MAX_KEY_ROWS = 5_000
+# group_ctes). Probes cost a sort of (1 + windows) times the rows; DuckDB's RANGE frames cost more
+# as the frames grow (a 7-day window over a partition of 250k rows: ~2 s per 1M rows, against
+# ~0.3 s for a 1-hour one). On the bench_prepare log at 1M impressions RANGE frames were faster
+# up to 14k rows per key and as fast at 24k-67k (docs/prepare.md).
+RANGE_MAX_KEY_ROWS = 100_000
 
 
 def use_probes(largest_key_rows: int, method: str) -> bool:
@@ -328,8 +332,8 @@ def use_probes(largest_key_rows: int, method: str) -> bool:
 
 
 def feature_tables(cfg: PrepareConfig, source: str,
-                   largest: dict[tuple[str, ...], int] | None = None) -> list[tuple[str, str, list[FeatureConfig]]]:
-    """Per key set: (table name ``feat<i>``, its query, its features). The table holds ``rid`` and
+                   largest: dict[tuple[str, ...], int] | None = None) -> list[tuple[str, str, list[FeatureConfig], bool]]:
+    """Per key set: (table name ``feat<i>``, its query, its features, whether windows use probes). The table holds ``rid`` and
     the finished ``ctx_<name>`` columns of every impression of ``source`` (the events), sorted by
     rid, so that a range of rids reads a range of the table. ``largest``: per key set, its largest
     number of rows per key (``use_probes``); None: probes everywhere."""
@@ -348,7 +352,7 @@ def feature_tables(cfg: PrepareConfig, source: str,
                        for f, c in zip(features, columns)]
         columns = [f"{c} AS {quote('ctx_' + f.name)}" for f, c in zip(features, columns)]
         sql = f"{with_} SELECT e.rid, {', '.join(columns)} FROM ({narrow}) e LEFT JOIN w{i} ON {on} ORDER BY e.rid"
-        tables.append((f"feat{i}", sql, features))
+        tables.append((f"feat{i}", sql, features, probes))
     return tables
 
 

@@ -193,11 +193,13 @@ def build_feature_tables(engine, cfg: PrepareConfig, progress: Progress) -> list
     """One table per key set (feedsr/prepare/features.py), each computed and stored on its own,
     so that no query holds every feature of every impression at once."""
     names = []
-    for name, sql, features in feature_tables(cfg, "events", largest_key_rows(engine, cfg)):
+    largest = largest_key_rows(engine, cfg)
+    for (name, sql, features, probes), keys in zip(feature_tables(cfg, "events", largest), largest):
         engine.create_table(name, sql)
         names.append(name)
-        keys = "x".join(sorted({k for f in features for k in (f.keys or ["member", "session"])}))
-        progress(f"computed {len(features)} features keyed by {keys}")
+        windows = "probes" if probes else "RANGE frames"
+        progress(f"computed {len(features)} features keyed by {' x '.join(keys)} "
+                 f"(at most {largest[keys]} impressions per key; trailing windows by {windows})")
     return names
 
 
