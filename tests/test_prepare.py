@@ -527,3 +527,24 @@ def test_history_at_or_after_the_first_boundary_is_refused(small, tmp_path):
     with pytest.raises(PrepareError, match=r"history\.parquet \(history\.logs\): 1 impressions at or after "
                                            r"the first split boundary"):
         run(config(log_path, items_path, tmp_path / "out", one_split(log), history={"logs": [str(hist_path)]}))
+
+
+def test_a_multi_hot_action_column_gives_the_same_dataset(small, tmp_path):
+    log, log_path, items_path = small
+    bits = sum(log[a].astype(np.int64) << i for i, a in enumerate(ACTIONS))
+    multi = {c: v for c, v in log.items() if c not in ACTIONS} | {"acts": bits}
+    multi_path = write_log(multi, tmp_path / "multi.parquet")
+    cfg = config(log_path, items_path, tmp_path / "columns", one_split(log), max_seq_len=7)
+    run(cfg)
+    columns = dict(cfg["columns"]) | {"actions": {a: None for a in ACTIONS}, "action_bits": "acts"}
+    run(cfg | {"logs": [str(multi_path)], "out": str(tmp_path / "bits"), "columns": columns})
+    files = sorted(p.relative_to(tmp_path / "columns") for p in (tmp_path / "columns").rglob("*.parquet"))
+    assert files and files == sorted(p.relative_to(tmp_path / "bits") for p in (tmp_path / "bits").rglob("*.parquet"))
+    for path in files:
+        assert pq.read_table(tmp_path / "bits" / path).equals(pq.read_table(tmp_path / "columns" / path)), path
+    # a value with a bit beyond the actions is refused, naming the file and column
+    multi["acts"][4] = 8
+    write_log(multi, multi_path)
+    with pytest.raises(PrepareError, match=r"multi\.parquet: column 'acts' \(columns\.action_bits\) has 1 values "
+                                           r"that are null or not a multi-hot of the 3 actions \(0\.\.7\)"):
+        run(cfg | {"logs": [str(multi_path)], "out": str(tmp_path / "bad"), "columns": columns})

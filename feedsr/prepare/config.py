@@ -47,7 +47,10 @@ class ColumnsConfig:
     timestamp: str = "timestamp"  # integer, in time.unit
     author: str | None = None  # integer or string; or item_table.author
     position: str | None = None  # integer feed position, 0 = top; null: unknown (-1)
-    actions: dict[str, str] = field(default_factory=dict)
+    actions: dict[str, str | None] = field(default_factory=dict)
+    # One integer column holding every action as a multi-hot (bit i = the i-th of ``actions``, whose
+    # columns are then null), instead of one 0/1 column per action.
+    action_bits: str | None = None
     categoricals: dict[str, str] = field(default_factory=dict)
     # Per-impression numbers the log already holds, valued as of the impression (a content score,
     # an observed quality): name -> numeric column, written as ``ctx_<name>`` unchanged.
@@ -232,6 +235,10 @@ class PrepareConfig:
                     "member_table.author/created", (self.member_table.author, self.member_table.created),
                     "null (authors and creation times are item attributes)")
         self._check_names()
+        c = self.columns
+        require(all((col is None) == (c.action_bits is not None) for col in c.actions.values()), "columns.actions",
+                dict(c.actions), "a 0/1 column per action, or all null with columns.action_bits naming the "
+                "multi-hot column")
         require(set(self.columns.true_probs) <= set(self.columns.actions), "columns.true_probs",
                 dict(self.columns.true_probs), f"keyed by actions of columns.actions {list(self.columns.actions)}")
         for f in self.features:

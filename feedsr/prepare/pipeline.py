@@ -113,7 +113,12 @@ def events_sql(cfg: PrepareConfig, engine) -> str:
         f"CAST({log(c.timestamp)} AS BIGINT) AS t", f"{author_sql(cfg)} AS author", f"{position} AS position",
         f"l.{HISTORY} AS history",
     ]
-    cols += [f"CAST({log(col)} AS INTEGER) AS {quote('act_' + a)}" for a, col in c.actions.items()]
+    if c.action_bits is None:
+        cols += [f"CAST({log(col)} AS INTEGER) AS {quote('act_' + a)}" for a, col in c.actions.items()]
+    else:  # bit i of the multi-hot, in arithmetic every engine has
+        bits = f"CAST({log(c.action_bits)} AS DOUBLE)"
+        cols += [f"CAST(CAST(FLOOR({bits} / {2 ** i}) AS BIGINT) % 2 AS INTEGER) AS {quote('act_' + a)}"
+                 for i, a in enumerate(c.actions)]
     cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
     cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(CONTEXT_PREFIX + n)}" for n, col in c.numeric.items()]
     cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(TRUE_PROB_PREFIX + a)}" for a, col in c.true_probs.items()]

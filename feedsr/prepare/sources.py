@@ -40,7 +40,9 @@ def log_roles(cfg: PrepareConfig) -> list[tuple[str, str, str]]:
         roles.append(("columns.author", c.author, "key"))
     if c.position is not None:
         roles.append(("columns.position", c.position, "integer"))
-    roles += [(f"columns.actions.{a}", col, "action") for a, col in c.actions.items()]
+    if c.action_bits is not None:
+        roles.append(("columns.action_bits", c.action_bits, "integer"))
+    roles += [(f"columns.actions.{a}", col, "action") for a, col in c.actions.items() if col is not None]
     roles += [(f"columns.categoricals.{n}", col, "key") for n, col in c.categoricals.items()]
     roles += [(f"columns.numeric.{n}", col, "numeric") for n, col in c.numeric.items()]
     roles += [(f"columns.true_probs.{a}", col, "numeric") for a, col in c.true_probs.items()]
@@ -70,16 +72,22 @@ def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
     c = cfg.columns
     keys = [c.member, c.item, c.timestamp, *c.numeric.values(), *c.true_probs.values()]
-    actions = list(c.actions.values())
+    actions = [col for col in c.actions.values() if col is not None]
     exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
     exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]
     exprs += [f"count(*) FILTER (WHERE {not_0_or_1(a)})" for a in actions]
+    if c.action_bits is not None:  # a multi-hot: no nulls, no negative values, no bit beyond the actions
+        bits = quote(c.action_bits)
+        exprs.append(f"count(*) FILTER (WHERE {bits} IS NULL OR {bits} < 0 OR {bits} >= {2 ** len(c.actions)})")
     [(rows, t_min, t_max, *bad)] = engine.fetch(f"SELECT {', '.join(exprs)} FROM {engine.source(path)}")
     for column, nulls in zip(keys, bad[: len(keys)]):
         if nulls:
             raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids, timestamps and "
                                "numeric columns must be set on every row (a query source can fill them)")
-    for (name, column), count in zip(c.actions.items(), bad[len(keys):]):
+    if c.action_bits is not None and bad[-1]:
+        raise PrepareError(f"{path}: column '{c.action_bits}' (columns.action_bits) has {bad[-1]} values that are "
+                           f"null or not a multi-hot of the {len(c.actions)} actions (0..{2 ** len(c.actions) - 1})")
+    for (name, column), count in zip([(a, col) for a, col in c.actions.items() if col is not None], bad[len(keys):]):
         if count:
             raise PrepareError(f"{path}: column '{column}' (action '{name}') has {count} values that are "
                                f"not 0 or 1{_example(engine, path, column)}")
