@@ -184,13 +184,13 @@ def prepare_config(work: Path, memory_limit: str, window_method: str = "auto") -
 PROGRESS = re.compile(r"^\[prepare\s+([\d.]+)s\] (.*)$")
 # Step of the pipeline that a progress line closes (see feedsr/prepare/pipeline.py).
 STEPS = [("checked", "checks"), ("dropped", "read + dedup"), ("built events", "events + joins"),
-         ("built vocabularies", "vocabularies"), ("computed", "feature query + sort"),
-         ("wrote", "windowing + writing")]
+         ("built vocabularies", "vocabularies"), ("computed", "feature tables"),
+         ("wrote", "per-chunk features, windowing + writing")]
 
 
 def key_set_lines(lines: list[str]) -> list[str]:
     """The per-key-set progress lines (seconds since start, key set, window method)."""
-    return [line.split("] ", 1)[0].split()[-1] + " " + line.split("] computed ", 1)[1]
+    return [line.split("] ", 1)[0].split()[-1] + " " + line.split("] ", 1)[1]
             for line in lines if "features keyed by" in line]
 
 
@@ -200,7 +200,7 @@ def step_times(lines: list[str]) -> dict[str, float]:
     for line in lines:
         match = PROGRESS.match(line)
         if match:
-            step = next((s for prefix, s in STEPS if match[2].startswith(prefix)), "windowing + writing")
+            step = next((s for prefix, s in STEPS if match[2].startswith(prefix)), "per-chunk features, windowing + writing")
             ends[step] = float(match[1])
     steps, before = {}, 0.0
     for _, step in STEPS:
@@ -246,13 +246,14 @@ def bench(n: int, work: Path, memory_limit: str, window_method: str = "auto") ->
 
 
 def each_feature(n: int, work: Path, memory_limit: str) -> dict[str, float]:
-    """Seconds of the sorted feature query with one feature, minus without any, per feature."""
+    """Seconds of the feature queries with one feature, minus without any, per feature: the
+    whole-log feature table, or the per-chunk query run over the whole log as one chunk."""
     import dataclasses
 
     from feedsr.prepare.config import to_prepare_config
-    from feedsr.prepare.features import feature_sql
     from feedsr.prepare.engine import DuckDBEngine
-    from feedsr.prepare.pipeline import build_events, load_logs
+    from feedsr.prepare.features import feature_tables, plan_key_sets, range_queries
+    from feedsr.prepare.pipeline import build_events, largest_key_rows, load_logs
 
     generate(work, n)
     cfg = to_prepare_config(prepare_config(work, memory_limit))
@@ -260,11 +261,16 @@ def each_feature(n: int, work: Path, memory_limit: str) -> dict[str, float]:
     load_logs(engine, cfg, n)
     build_events(engine, cfg)
     con = engine.con
+    [(top,)] = engine.fetch("SELECT MAX(rid) FROM events")
 
     def seconds(features: list) -> float:
-        sql = feature_sql(dataclasses.replace(cfg, features=features), "events")
+        one = dataclasses.replace(cfg, features=features)
+        plans = plan_key_sets(one, largest_key_rows(engine, one))
         start = time.perf_counter()
-        con.execute(f"CREATE OR REPLACE TEMP TABLE featured AS {sql} ORDER BY member, t, rid")
+        for _, sql, _ in feature_tables(one, "events", plans):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE featured AS {sql}")
+        for sql in range_queries(one, "events", [], plans, (0, top)):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE featured AS {sql}")
         return time.perf_counter() - start
 
     base = seconds([])

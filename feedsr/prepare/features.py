@@ -72,14 +72,6 @@ class Dialect:
             return f"from_utc_timestamp(timestamp_seconds(CAST({t} AS DOUBLE) / {unit}), {zone})"
         return f"timezone({zone}, to_timestamp(CAST({t} AS DOUBLE) / {unit}))"  # ICU applies DST
 
-    def numbered(self, sql: str, order: str) -> str:
-        """``sql``'s rows sorted by ``order``, with ``rid`` increasing in that order: DuckDB numbers
-        them 1, 2, ... and stores them in order; Spark sorts (range partitions, in order) and takes
-        monotonically_increasing_id, increasing but not dense, without moving all rows to one task."""
-        if self.name == "spark":
-            return f"SELECT b.*, monotonically_increasing_id() AS rid FROM (SELECT * FROM ({sql}) s ORDER BY {order}) b"
-        return f"SELECT b.*, row_number() OVER (ORDER BY {order}) AS rid FROM ({sql}) b ORDER BY rid"
-
     def day_of_week(self, ts: str) -> str:
         return f"(dayofweek({ts}) - 1)" if self.name == "spark" else f"dayofweek({ts})"  # Spark: Sunday = 1
 
@@ -331,43 +323,82 @@ def use_probes(largest_key_rows: int, method: str) -> bool:
     return method == "probe" or (method == "auto" and largest_key_rows > RANGE_MAX_KEY_ROWS)
 
 
-def feature_tables(cfg: PrepareConfig, source: str,
-                   largest: dict[tuple[str, ...], int] | None = None) -> list[tuple[str, str, list[FeatureConfig], bool]]:
-    """Per key set: (table name ``feat<i>``, its query, its features, whether windows use probes). The table holds ``rid`` and
-    the finished ``ctx_<name>`` columns of every impression of ``source`` (the events), sorted by
-    rid, so that a range of rids reads a range of the table. ``largest``: per key set, its largest
-    number of rows per key (``use_probes``); None: probes everywhere."""
+@dataclass(frozen=True)
+class KeySet:
+    """The features of one key set and how they are computed: ``probes`` for trailing windows
+    (``use_probes``); ``per_chunk`` when the keys include the member (``member_local``)."""
+
+    index: int
+    keys: tuple[str, ...]
+    features: list[FeatureConfig]
+    probes: bool
+    per_chunk: bool
+
+
+def member_local(keys: tuple[str, ...]) -> bool:
+    """Whether every event of a key is one member's (member, member x author, member x session,
+    ...): output chunks hold whole members, so such features are computed chunk by chunk over the
+    chunk's events, in memory, instead of over the whole log (sorts that spill at 100M rows)."""
+    return "member" in keys
+
+
+def plan_key_sets(cfg: PrepareConfig, largest: dict[tuple[str, ...], int] | None = None) -> list[KeySet]:
+    """Every key set with its features and methods. ``largest``: per key set with trailing
+    windows, its largest number of rows per key (``use_probes``); None: probes everywhere."""
+    plans = []
+    for i, (keys, features) in enumerate(key_sets(cfg).items()):
+        probes = largest is None or use_probes(largest.get(keys, 0), cfg.engine.window_method)
+        plans.append(KeySet(i, keys, features, probes, member_local(keys)))
+    return plans
+
+
+def windowed(features: list[FeatureConfig]) -> bool:
+    """Whether any feature has a trailing window (only then do probes and RANGE frames differ)."""
+    return any(f.window_s is not None for f in features)
+
+
+def key_set_sql(cfg: PrepareConfig, plan: KeySet, source: str) -> str:
+    """The query of one key set: ``rid`` and the finished ``ctx_<name>`` columns of every
+    impression of ``source`` (the events, or a rid range of them), sorted by rid."""
     # History rows (history.logs) count for nobody unless history.count_in_features, and get the fill.
     counted = "" if cfg.history.count_in_features else f" AND {quote('history')} = 0"
-    tables = []
-    for i, (keys, features) in enumerate(key_sets(cfg).items()):
-        probes = largest is None or use_probes(largest[keys], cfg.engine.window_method)
-        ctes = group_ctes(i, keys, features, cfg.time, source, counted, probes)
-        with_ = "WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes)
-        narrow = f"SELECT rid, {quote('history')}, {', '.join(_columns(keys))}, {TIME} FROM {source}"
-        on = " AND ".join(f"e.{c} = w{i}.{c}" for c in _columns(keys) + [TIME])
-        columns = [f"{finish(f, f'w{i}.' + quote('f_' + f.name))}" for f in features]
-        if counted:
-            columns = [f"CASE WHEN e.{quote('history')} = 1 THEN CAST({f.fill!r} AS FLOAT) ELSE {c} END"
-                       for f, c in zip(features, columns)]
-        columns = [f"{c} AS {quote('ctx_' + f.name)}" for f, c in zip(features, columns)]
-        sql = f"{with_} SELECT e.rid, {', '.join(columns)} FROM ({narrow}) e LEFT JOIN w{i} ON {on} ORDER BY e.rid"
-        tables.append((f"feat{i}", sql, features, probes))
-    return tables
+    i, keys, features = plan.index, plan.keys, plan.features
+    ctes = group_ctes(i, keys, features, cfg.time, source, counted, plan.probes)
+    with_ = "WITH " + ", ".join(f"{name} AS ({sql})" for name, sql in ctes)
+    narrow = f"SELECT rid, {quote('history')}, {', '.join(_columns(keys))}, {TIME} FROM {source}"
+    on = " AND ".join(f"e.{c} = w{i}.{c}" for c in _columns(keys) + [TIME])
+    columns = [f"{finish(f, f'w{i}.' + quote('f_' + f.name))}" for f in features]
+    if counted:
+        columns = [f"CASE WHEN e.{quote('history')} = 1 THEN CAST({f.fill!r} AS FLOAT) ELSE {c} END"
+                   for f, c in zip(features, columns)]
+    columns = [f"{c} AS {quote('ctx_' + f.name)}" for f, c in zip(features, columns)]
+    return f"{with_} SELECT e.rid, {', '.join(columns)} FROM ({narrow}) e LEFT JOIN w{i} ON {on} ORDER BY e.rid"
 
 
-def range_queries(cfg: PrepareConfig, source: str, tables: list[str], rids: tuple[int, int],
-                  dialect: Dialect = DUCKDB) -> list[str]:
+def feature_tables(cfg: PrepareConfig, source: str, plans: list[KeySet]) -> list[tuple[str, str, KeySet]]:
+    """Per key set computed over the whole log (not ``per_chunk``): (table name ``feat<i>``, its
+    query, its plan). The table holds ``rid`` and the ``ctx_`` columns of every impression of
+    ``source`` (the events), sorted by rid, so that a range of rids reads a range of the table."""
+    return [(f"feat{p.index}", key_set_sql(cfg, p, source), p) for p in plans if not p.per_chunk]
+
+
+def range_queries(cfg: PrepareConfig, source: str, tables: list[str], plans: list[KeySet],
+                  rids: tuple[int, int], dialect: Dialect = DUCKDB) -> list[str]:
     """The queries whose results, side by side, are the events of ``source`` with ``rids[0] <=
     rid <= rids[1]`` and every feature, each sorted by rid: the events with the row-level
-    features, then each feature table. Every event has one row in every feature table, so the
-    results line up row for row and need no join (feature tables are stored in rid order, so each
-    query reads only its range)."""
+    features, each feature table, then each per-chunk key set computed over the range (which
+    holds whole members). Every event has one row in each, so the results line up row for row
+    and need no join (feature tables are stored in rid order, so each query reads only its range)."""
     in_range = f"rid BETWEEN {rids[0]} AND {rids[1]}"
     row_level = [f"{finish(f, ROW_LEVEL[f.kind](f, cfg.time, dialect))} AS {quote('ctx_' + f.name)}"
                  for f in cfg.features if f.kind in ROW_LEVEL]
     queries = [f"SELECT e.*{''.join(', ' + c for c in row_level)} FROM {source} e WHERE e.{in_range} ORDER BY e.rid"]
-    return queries + [f"SELECT * FROM {t} WHERE {in_range} ORDER BY rid" for t in tables]
+    queries += [f"SELECT * FROM {t} WHERE {in_range} ORDER BY rid" for t in tables]
+    chunk = f"SELECT * FROM {source} WHERE {in_range}"
+    if needs_sessions(cfg):  # sessions are a member's too: numbered per chunk, no sort of the whole log
+        chunk = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({chunk})")
+    chunk = f"({chunk}) src"
+    return queries + [key_set_sql(cfg, p, chunk) for p in plans if p.per_chunk]
 
 
 def needs_sessions(cfg: PrepareConfig) -> bool:

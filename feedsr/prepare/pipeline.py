@@ -44,12 +44,13 @@ from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab,
 from feedsr.prepare.config import PrepareConfig, PrepareError, to_prepare_config
 from feedsr.prepare.engine import connect
 from feedsr.prepare.features import (
+    KeySet,
     feature_tables,
     key_column,
     key_sets,
-    needs_sessions,
+    plan_key_sets,
     range_queries,
-    session_sql,
+    windowed,
 )
 from feedsr.prepare.sources import check_history, check_logs, check_side_table, log_roles, quote
 
@@ -145,11 +146,11 @@ def author_sql(cfg: PrepareConfig) -> str:
 
 
 def build_events(engine, cfg: PrepareConfig) -> None:
-    """Table ``events``, stored in ``output_order`` with ``rid`` increasing in it."""
-    sql = events_sql(cfg, engine)
-    if needs_sessions(cfg):
-        sql = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({sql})")
-    engine.create_table("events", engine.dialect.numbered(sql, output_order(cfg)))
+    """Table ``events``, stored in ``output_order`` with ``rid`` increasing in it; the read logs
+    are dropped (at 100M rows they are gigabytes the engine would otherwise keep or spill)."""
+    engine.create_numbered("events", events_sql(cfg, engine), output_order(cfg))
+    for table in ("logs", "log_rows"):
+        engine.drop_table(table)
 
 
 def vocab_sources(cfg: PrepareConfig) -> dict[str, str]:
@@ -184,28 +185,44 @@ def output_order(cfg: PrepareConfig) -> str:
 
 
 def largest_key_rows(engine, cfg: PrepareConfig) -> dict[tuple[str, ...], int]:
-    """Per key set of the features: the most impressions any one key has (0 if none)."""
+    """Per key set with trailing windows: the most impressions any one key has (0 if none); the
+    other key sets compute the same either way (features.use_probes) and are not counted."""
     largest = {}
-    for keys in key_sets(cfg):
-        columns = ", ".join(key_column(k) for k in keys)
-        [(rows,)] = engine.fetch(f"SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM events "
-                                 f"GROUP BY {columns}) c")
-        largest[keys] = rows
+    for keys, features in key_sets(cfg).items():
+        if windowed(features):
+            columns = ", ".join(key_column(k) for k in keys)
+            [(rows,)] = engine.fetch(f"SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM events "
+                                     f"GROUP BY {columns}) c")
+            largest[keys] = rows
     return largest
 
 
-def build_feature_tables(engine, cfg: PrepareConfig, progress: Progress) -> list[str]:
-    """One table per key set (feedsr/prepare/features.py), each computed and stored on its own,
-    so that no query holds every feature of every impression at once."""
-    names = []
+def describe(plan: KeySet, largest: dict[tuple[str, ...], int]) -> str:
+    """How a key set is computed, for the progress lines."""
+    where = "per chunk of whole members" if plan.per_chunk else "over the whole log"
+    if plan.keys not in largest:
+        return f"{where}; no trailing windows"
+    windows = "probes" if plan.probes else "RANGE frames"
+    return f"{where}; at most {largest[plan.keys]} impressions per key; trailing windows by {windows}"
+
+
+def build_feature_tables(engine, cfg: PrepareConfig, progress: Progress) -> tuple[list[str], list[KeySet]]:
+    """One table per key set computed over the whole log (feedsr/prepare/features.py), each
+    computed and stored on its own, so that no query holds every feature of every impression at
+    once; returns the tables and every key set's plan (the per-chunk ones run in
+    ``featured_chunks``)."""
     largest = largest_key_rows(engine, cfg)
-    for (name, sql, features, probes), keys in zip(feature_tables(cfg, "events", largest), largest):
+    plans = plan_key_sets(cfg, largest)
+    for plan in plans:
+        if plan.per_chunk:
+            progress(f"{len(plan.features)} features keyed by {' x '.join(plan.keys)}: {describe(plan, largest)}")
+    names = []
+    for name, sql, plan in feature_tables(cfg, "events", plans):
         engine.create_table(name, sql)
         names.append(name)
-        windows = "probes" if probes else "RANGE frames"
-        progress(f"computed {len(features)} features keyed by {' x '.join(keys)} "
-                 f"(at most {largest[keys]} impressions per key; trailing windows by {windows})")
-    return names
+        progress(f"computed {len(plan.features)} features keyed by {' x '.join(plan.keys)} "
+                 f"({describe(plan, largest)})")
+    return names, plans
 
 
 def member_ranges(first: np.ndarray, last: np.ndarray, count: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
@@ -223,16 +240,17 @@ def member_ranges(first: np.ndarray, last: np.ndarray, count: np.ndarray, chunk_
     return ranges
 
 
-def featured_chunks(engine, cfg: PrepareConfig, tables: list[str], end_second: int,
+def featured_chunks(engine, cfg: PrepareConfig, tables: list[str], plans: list[KeySet], end_second: int,
                     chunk_rows: int) -> Iterator[pa.Table]:
     """The events before ``end_second`` with their features, in ``output_order``, as tables of
-    whole members of about ``chunk_rows`` impressions each."""
+    whole members of about ``chunk_rows`` impressions each (the per-chunk key sets computed
+    here, over the chunk's events)."""
     end = end_second * cfg.time_unit()
     rows = engine.fetch(f"SELECT MIN(rid), MAX(rid), COUNT(*) FROM events WHERE t < {end} GROUP BY member")
     first, last, count = (np.array(c, dtype=np.int64) for c in zip(*rows)) if rows else ([], [], [])
     for rids in member_ranges(np.asarray(first), np.asarray(last), np.asarray(count), chunk_rows):
         parts = [engine.stream(sql, BATCH_ROWS).read_all()
-                 for sql in range_queries(cfg, "events", tables, rids, engine.dialect)]
+                 for sql in range_queries(cfg, "events", tables, plans, rids, engine.dialect)]
         table = parts[0]
         for part in parts[1:]:
             if not part["rid"].equals(table["rid"]):  # one row per event in every feature table
@@ -357,10 +375,11 @@ def prepare(engine, cfg: PrepareConfig, out: Path, chunk_rows: int, progress: Pr
     vocabs = build_vocabs(engine, cfg, splits[0].end)
     sizes = {column: vocab_size(vocab) for column, vocab in vocabs.items()}
     progress(f"built vocabularies from the training window: {sizes}")
-    tables = build_feature_tables(engine, cfg, progress)
-    progress(f"computed {len(cfg.features)} point-in-time features for {impressions} impressions")
-    counts = write_splits(out, featured_chunks(engine, cfg, tables, splits[-1].end, chunk_rows), cfg, vocabs,
-                          progress)
+    tables, plans = build_feature_tables(engine, cfg, progress)
+    progress(f"computed the point-in-time features of {impressions} impressions kept in tables "
+             f"({len(cfg.features)} features in all)")
+    chunks = featured_chunks(engine, cfg, tables, plans, splits[-1].end, chunk_rows)
+    counts = write_splits(out, chunks, cfg, vocabs, progress)
     for name, split_counts in counts.items():
         progress(f"wrote {name}: {split_counts}")
     return vocabs, counts, {"duplicates_dropped": duplicates, "history_impressions": history}
