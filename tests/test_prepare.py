@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose, tiny_overrides
 from feedsr.data.tasks import decode_actions
-from feedsr.prepare.config import PrepareError, compose_prepare_config
+from feedsr.prepare.config import PrepareError, compose_prepare_config, to_prepare_config
+from feedsr.prepare.features import plan_key_sets
 from feedsr.prepare.pipeline import member_ranges, run
 
 ACTIONS = ["click", "like", "share"]
@@ -446,6 +447,13 @@ def test_many_small_chunks_give_the_same_dataset_as_one(small, tmp_path, capsys)
     members_per_file = [len(set(pq.read_table(tmp_path / "many" / p)["member_id"].to_pylist()))
                         for p in files if p.suffix == ".parquet"]
     assert max(members_per_file) > 1  # some file holds rows of two chunks
+    # the member's key sets (sessions too) ran per chunk above, the others over the whole log
+    cfg = to_prepare_config(config(log_path, items_path, tmp_path / "plan", bounds))
+    per_chunk = {p.keys for p in plan_key_sets(cfg) if p.per_chunk}
+    assert per_chunk == {("author", "member"), ("category", "member"), ("member",), ("item", "member"),
+                         ("member", "session")}
+    assert {p.keys for p in plan_key_sets(cfg)} - per_chunk == {("item",), ("item", "segment"), ("author",),
+                                                                ("surface",)}
 
 
 def test_member_ranges_cut_between_members_only():

@@ -4,8 +4,9 @@ The rule every kind keeps: a feature of an impression at raw time t sees only ev
 with a time t' < t. Events sharing a timestamp never see each other, whatever order they are
 stored in; a trailing window of W seconds holds t - W <= t' < t.
 
-How the SQL is shaped, for speed (one window expression per feature over the wide events table,
-with RANGE frames, cost 0.1-0.4 s per 100k impressions each; see docs/prepare.md):
+How the SQL is shaped, for speed (the first form, one window expression per feature over the
+wide events table with RANGE frames, cost 0.1-0.4 s per 100k impressions each; see
+docs/prepare.md):
 
 1. Features are grouped by their key set K (member; item; member x author; ...; the session
    features by (member, session)). Per K, a narrow table ``g`` holds one row per (K, raw time):
@@ -13,16 +14,19 @@ with RANGE frames, cost 0.1-0.4 s per 100k impressions each; see docs/prepare.md
    left out (and so are pre-window history rows unless history.count_in_features).
 2. Over ``g``, per K, one sorted pass (``group_ctes``): "strictly earlier" sums are running sums
    minus the current row (ROWS frames), previous times are running maxima, and trailing windows
-   are differences of running sums read at probe rows placed at ``t - W``. No RANGE frames with
-   offsets: DuckDB scans those frames, which is slow on big partitions.
+   are RANGE frames up to the current row minus the row, or, for keys with many rows, differences
+   of running sums read at probe rows placed at ``t - W`` (``use_probes``).
 3. ``last_k_mean`` needs single impressions, not times: per feature, a narrow row-level query
    (ROWS frame over a total order), keeping the first row of each tie group, whose k preceding
    rows are exactly the k latest strictly earlier ones; joined onto K's rows.
-4. ``feature_tables``: per K, the events' ``rid`` joined with K's rows on (K, time), stored in rid
-   order. A NULL key matches nothing; the outer expression gives such impressions the value of a
-   key without history (counts 0, rates the prior, the rest NULL), then applies log1p, fills NULL
-   with the feature's ``fill`` and casts to FLOAT. ``range_queries`` reads a rid range of the
-   events (with the row-level kinds computed) and of every feature table.
+4. ``key_set_sql``: the ``rid`` of the events joined with K's rows on (K, time), sorted by rid. A
+   NULL key matches nothing; the outer expression gives such impressions the value of a key
+   without history (counts 0, rates the prior, the rest NULL), then applies log1p, fills NULL
+   with the feature's ``fill`` and casts to FLOAT.
+5. Where it runs (``plan_key_sets``): a key set whose keys include the member is computed per
+   output chunk, over a rid range of the events that holds whole members (``range_queries``),
+   in memory; the others once over the whole log into a table ``feat<i>`` stored in rid order
+   (``feature_tables``), of which ``range_queries`` reads the chunk's range.
 
 Kinds (``FeatureConfig.kind``):
 
@@ -395,14 +399,10 @@ def range_queries(cfg: PrepareConfig, source: str, tables: list[str], plans: lis
     queries = [f"SELECT e.*{''.join(', ' + c for c in row_level)} FROM {source} e WHERE e.{in_range} ORDER BY e.rid"]
     queries += [f"SELECT * FROM {t} WHERE {in_range} ORDER BY rid" for t in tables]
     chunk = f"SELECT * FROM {source} WHERE {in_range}"
-    if needs_sessions(cfg):  # sessions are a member's too: numbered per chunk, no sort of the whole log
-        chunk = session_sql(cfg.session_gap_s, cfg.time_unit(), f"({chunk})")
-    chunk = f"({chunk}) src"
-    return queries + [key_set_sql(cfg, p, chunk) for p in plans if p.per_chunk]
-
-
-def needs_sessions(cfg: PrepareConfig) -> bool:
-    return any(f.kind in SESSION_KINDS for f in cfg.features)
+    # Sessions are a member's too: numbered per chunk, where the session key set needs them.
+    sessions = f"({session_sql(cfg.session_gap_s, cfg.time_unit(), f'({chunk})')}) src"
+    return queries + [key_set_sql(cfg, p, sessions if SESSION in p.keys else f"({chunk}) src")
+                      for p in plans if p.per_chunk]
 
 
 def session_sql(gap_s: int, unit: int, source: str) -> str:

@@ -8,14 +8,16 @@ Steps, each a function below:
    counted); add the pre-window history rows (``history.logs``) of members the log has;
 3. build ``events``: one row per impression with its roles (member, item, author, raw time ``t``,
    position, ``act_<action>`` 0/1, ``cat_<name>`` raw values, pass-through ``ctx_``/``true_``
-   numbers), the side tables joined on, sessions when a feature needs them; stored in the output
-   order (member, time, then the log's values for ties) with ``rid`` increasing in it;
+   numbers), the side tables joined on; stored in the output order (member, time, then the log's
+   values for ties) with ``rid`` increasing in it;
 4. dense id vocabularies from the training window (the first split and the history before it;
    0 = unknown), one DISTINCT query per id column;
-5. the point-in-time features (feedsr/prepare/features.py), one table per key set, each holding
-   ``rid`` and its features, stored in rid order;
+5. the point-in-time features (feedsr/prepare/features.py) of the key sets without the member,
+   one table per key set over the whole log, each holding ``rid`` and its features, stored in
+   rid order;
 6. per chunk of whole members (a rid range of about ``chunk_rows`` impressions): the events and
-   every feature table read over that range, side by side (no join: one row per rid in each);
+   every feature table read over that range, and the member's key sets (sessions included)
+   computed over it, side by side (no join: one row per rid in each);
    then in numpy: ids through the vocabularies, action bits, whole-second timestamps, and the
    existing windowing (``feedsr.data.sequences.SplitWriter``) appends each split's rows, the
    splits written in parallel threads while the engine reads the next chunk; ``dataset.json``
