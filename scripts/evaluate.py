@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 
 def parse_args(argv=None):
@@ -33,25 +32,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A step-N folder whose files verify, or a run directory's newest such checkpoint."""
-    from feedsr.runtime.checkpoint import CheckpointError, check_complete, is_complete, latest_valid_checkpoint
-
-    if is_complete(path):
-        try:
-            check_complete(path)
-        except CheckpointError as e:
-            sys.exit(f"evaluate: {e}")
-        return path
-    latest, damaged = latest_valid_checkpoint(path)
-    for problem in damaged:
-        print(f"evaluate: WARNING: skipping a damaged checkpoint: {problem}", file=sys.stderr)
-    if latest is None:
-        sys.exit(f"evaluate: {path} is neither a complete checkpoint nor a run directory with one "
-                 "whose files verify")
-    return latest
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from feedsr.quiet import quiet_libraries
@@ -59,19 +39,25 @@ def main(argv=None) -> dict:
     quiet_libraries()
     from feedsr.eval.metrics import format_table
     from feedsr.eval.scoring import evaluate_checkpoint
-    from feedsr.runtime.config import to_config
+    from feedsr.eval.trained import resolve_checkpoint, run_config
+    from feedsr.runtime.checkpoint import CheckpointError
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    config_file = checkpoint.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        sys.exit(f"evaluate: {config_file} missing: cannot rebuild the model of {checkpoint}")
-    config = to_config(OmegaConf.load(config_file))
+    try:
+        checkpoint, damaged = resolve_checkpoint(args.checkpoint)
+        config = run_config(checkpoint)
+    except CheckpointError as e:
+        sys.exit(f"evaluate: {e}")
+    for problem in damaged:
+        print(f"evaluate: WARNING: skipped a damaged checkpoint: {problem}", file=sys.stderr)
     data = dataclasses.replace(config.data, generate=None,
                                path=str(args.data or config.data.path),
                                eval_batch_size=args.batch_size or config.data.eval_batch_size)
     config = dataclasses.replace(config, data=data)
     start = time.perf_counter()
-    metrics = evaluate_checkpoint(config, checkpoint, args.split, args.max_rows)
+    try:
+        metrics = evaluate_checkpoint(config, checkpoint, args.split, args.max_rows)
+    except CheckpointError as e:
+        sys.exit(f"evaluate: {e}")
     seconds = time.perf_counter() - start
     print(f"{checkpoint} on {data.path} [{args.split}] ({seconds:.1f} s)")
     print(format_table(metrics))

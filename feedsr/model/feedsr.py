@@ -54,9 +54,17 @@ class FeedSR(nn.Module):
         self.head = build_head(cfg.head, head_in, task_groups)
         self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))
 
+    # The steps of ``forward``, public so that serving (feedsr/serve) composes the same model:
+    # post_tokens -> tokens -> rotary / attention_mask -> represent -> predict.
+
+    def post_tokens(self, sparse, context: torch.Tensor) -> torch.Tensor:
+        """(N, D) post tokens X of N impressions (or candidates): their id embeddings (and context
+        without late fusion), projected to the model width; no position yet."""
+        return self.input_proj(self.posts(sparse, context))
+
     def tokens(self, batch: Batch, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved (B, 2T, D) tokens and the (B, T) mask of real impressions."""
-        x = self.input_proj(self.posts(batch.sparse, batch.context))  # (N, D)
+        x = self.post_tokens(batch.sparse, batch.context)  # (N, D)
         a = self.action_proj(batch.actions)  # (N, D)
         x, mask = pad_jagged(x, batch.lengths, max_len)  # (B, T, D)
         a, _ = pad_jagged(a, batch.lengths, max_len)
@@ -85,20 +93,25 @@ class FeedSR(nn.Module):
             sessions, _ = pad_jagged(batch.session_ids, batch.lengths, max_len, FAR_FUTURE_SESSION)
         return interleaved_mask(batch.lengths, max_len, sessions, self.cfg.use_history)
 
-    def encode(self, batch: Batch) -> torch.Tensor:
-        """(N, D + C) per-impression representation at post positions, context late-fused."""
+    def represent(self, batch: Batch) -> torch.Tensor:
+        """(N, D) transformer outputs at the post tokens of every impression (flat, in the batch's
+        order, padding dropped)."""
         max_len = int(batch.lengths.max())
         seq, mask = self.tokens(batch, max_len)
         posts = torch.stack([mask, torch.zeros_like(mask)], dim=2).flatten(1)  # (B, 2T): X_t of real t
-        # (N, D) at post positions, padding dropped, in the batch's impression order
-        h = self.transformer(seq, self.rotary(batch, mask), self.attention_mask(batch, max_len), keep=posts)
+        return self.transformer(seq, self.rotary(batch, mask), self.attention_mask(batch, max_len), keep=posts)
+
+    def predict(self, h: torch.Tensor, context: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N, K) task logits from (N, D) representations: the context late-fused (when
+        configured), the multi-task head, and the position bias at ``positions`` (in eval mode at
+        the configured scoring position)."""
         if self.cfg.late_fusion:
-            h = torch.cat([h, batch.context], dim=-1)
-        return h
+            h = torch.cat([h, context], dim=-1)
+        logits = self.head(h)
+        if self.position_bias is not None:
+            logits = logits + self.position_bias(positions)
+        return logits
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N, K) task logits for every impression of the batch (flat, in the batch's order)."""
-        logits = self.head(self.encode(batch))
-        if self.position_bias is not None:
-            logits = logits + self.position_bias(batch.positions)
-        return logits
+        return self.predict(self.represent(batch), batch.context, batch.positions)

@@ -200,7 +200,7 @@ class CandidateScorer:
     def _candidate_tokens(self, candidates: Batch, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, N, D) candidate post tokens and their (B, N) mask."""
         model = self.model
-        x = model.input_proj(model.posts(candidates.sparse, candidates.context))  # (N, D)
+        x = model.post_tokens(candidates.sparse, candidates.context)  # (N, D)
         if model.abs_positions is not None:
             x = x + model.abs_positions(place.index).repeat_interleave(candidates.lengths, dim=0)
         return pad_jagged(x, candidates.lengths, int(candidates.lengths.max()))
@@ -210,14 +210,8 @@ class CandidateScorer:
         return None if place.angles is None else place.angles[:, None].expand(-1, num_candidates, -1)
 
     def _head(self, h: torch.Tensor, candidates: Batch) -> torch.Tensor:
-        """(N, D) transformer outputs -> (N, K) probabilities, as in ``FeedSR.forward``."""
-        model = self.model
-        if model.cfg.late_fusion:
-            h = torch.cat([h, candidates.context], dim=-1)
-        logits = model.head(h)
-        if model.position_bias is not None:
-            logits = logits + model.position_bias(candidates.positions)
-        return logits.sigmoid()
+        """(N, D) transformer outputs -> (N, K) probabilities, by the model's own ``predict``."""
+        return self.model.predict(h, candidates.context, candidates.positions).sigmoid()
 
     # ------------------------------------------------------------------ single pass (mask / flex)
 
