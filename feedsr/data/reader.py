@@ -151,7 +151,12 @@ def read_block(info: FileInfo, row_group: int, spec: ReadSpec) -> SequenceBlock:
         table = pq.ParquetFile(path).read_row_group(row_group, columns=spec.columns)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: row group {row_group} cannot be read: {e}") from e
-    first_row = sum(info.row_group_rows[:row_group])
+    return table_block(table, spec, path, row_group, sum(info.row_group_rows[:row_group]))
+
+
+def table_block(table: pa.Table, spec: ReadSpec, path: str, row_group: int, first_row: int) -> SequenceBlock:
+    """A validated SequenceBlock of an Arrow table of sequence rows (``spec.columns``); errors
+    name ``path``, the row group and the row (``first_row``: the file row of the table's first)."""
     rows = {}
     for name in ("member_id", "num_targets"):
         col = table.column(name)

@@ -1,0 +1,101 @@
+"""Score candidates with a trained model from the command line.
+
+    python -m feedsr.serve score --checkpoint runs/synthetic_main --requests requests.parquet \
+        --out scores.parquet [--method kv] [--batch-requests 64] [--device cpu] [--threads N]
+
+``--checkpoint``: a step-N folder or a run directory (its newest checkpoint that verifies), from
+any world size. The request and score files are described in ``feedsr/serve/requests.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from feedsr.data.schema import DataError
+from feedsr.runtime.checkpoint import CheckpointError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m feedsr.serve", description=__doc__.split("\n\n")[0])
+    commands = p.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="score the candidates of a request file")
+    score.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
+    score.add_argument("--requests", required=True, type=Path, help="request Parquet file")
+    score.add_argument("--out", required=True, type=Path, help="scores Parquet file to write")
+    score.add_argument("--method", default="kv", choices=["kv", "masked", "one_by_one"],
+                       help="kv (default), masked or one_by_one: equal scores, different speed")
+    score.add_argument("--batch-requests", type=int, default=64, help="requests scored together")
+    score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    score.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+def score(args: argparse.Namespace) -> int:
+    """Write the scores file; returns the number of (request, candidate) rows."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from feedsr.eval.trained import load_trained
+    from feedsr.serve.requests import read_requests, scores_table
+    from feedsr.serve.scorer import CandidateScorer
+
+    if args.batch_requests < 1:
+        raise DataError(f"--batch-requests must be >= 1, got {args.batch_requests}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trained = load_trained(args.checkpoint, args.device)
+    for problem in trained.skipped:
+        print(f"serve: WARNING: skipped a damaged checkpoint: {problem}", file=sys.stderr)
+    scorer = CandidateScorer(trained.model, trained.spec)
+    tasks = [t.name for t in trained.spec.tasks]
+    max_history = trained.config.data.max_seq_len - 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    written, start, writer = 0, time.perf_counter(), None
+    try:
+        for requests in read_requests(args.requests, trained.spec, max_history):
+            for lo in range(0, len(requests.history), args.batch_requests):
+                part = sliced(requests, lo, min(lo + args.batch_requests, len(requests.history)))
+                if part is None:
+                    continue
+                probs = scorer.score(part.history, part.candidates, args.method).float().cpu().numpy()
+                table = scores_table(part, probs, tasks)
+                writer = writer or pq.ParquetWriter(args.out, table.schema)
+                writer.write_table(table)
+                written += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"serve: scored {written} candidates with {trained.checkpoint} ({args.method}) in "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    return written
+
+
+def sliced(requests, lo: int, hi: int):
+    """Requests [lo, hi) of a row group with their candidates; None if they have none."""
+    from feedsr.serve.candidates import Candidates
+    from feedsr.serve.requests import Requests
+
+    cands = requests.candidates
+    if cands.counts[lo:hi].sum() == 0:
+        return None
+    a, b = cands.offsets[lo], cands.offsets[hi]
+    part = Candidates(cands.counts[lo:hi], cands.request_times[lo:hi], {k: v[a:b] for k, v in cands.values.items()})
+    return Requests(requests.history.slice(lo, hi), part, requests.first_row + lo)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from feedsr.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        score(args)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"serve: {e}")
+
+
+if __name__ == "__main__":
+    main()

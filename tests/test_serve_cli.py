@@ -1,0 +1,147 @@
+"""``python -m feedsr.serve score`` on a trained checkpoint: the scores are the model's own, and bad
+request files are refused by name."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import REPO, compose, tiny_overrides
+from feedsr.data.batch import collate
+from feedsr.data.reader import ReadSpec, open_file, read_block, split_files
+from feedsr.eval.trained import load_trained
+from feedsr.train.trainer import run
+
+ROWS = 12
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve_cli")
+    overrides = tiny_overrides(synthetic_dir, root, "run") + ["trainer.max_steps=30", "trainer.checkpoint_every=30",
+                                                              "optimizer.lr=0.01"]
+    return run(compose(overrides)).run_dir
+
+
+def valid_rows(synthetic_dir: Path) -> pa.Table:
+    return pq.read_table(split_files(synthetic_dir, "valid")[0]).slice(0, ROWS)
+
+
+def requests_from(rows: pa.Table, spec) -> pa.Table:
+    """Per row: the history is every impression but the last; the candidates are the last
+    impression (first) and two more made-up posts."""
+    lists = [c for c in rows.column_names if pa.types.is_list(rows.schema.field(c).type)]
+    rng = np.random.default_rng(0)
+    columns = {"member_id": rows["member_id"]}
+    for name in lists:
+        columns[name] = pa.array([v[:-1] for v in rows[name].to_pylist()], type=rows.schema.field(name).type)
+    columns["request_time"] = pa.array([v[-1] for v in rows["timestamps"].to_pylist()], pa.int64())
+    for name in spec.id_features + ["positions"] + [f"ctx_{c}" for c in spec.read.context]:
+        last = [v[-1] for v in rows[name].to_pylist()]
+        other = (rng.integers(0, 5, (len(last), 2)) if not name.startswith("ctx_")
+                 else rng.random((len(last), 2)).astype(np.float32))
+        columns[f"cand_{name}"] = pa.array([[x, *o] for x, o in zip(last, other.tolist())],
+                                           type=rows.schema.field(name).type)
+    table = pa.table(columns)
+    return table.replace_schema_metadata(rows.schema.metadata)
+
+
+def score_cli(checkpoint: Path, requests: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "feedsr.serve", "score", "--checkpoint", str(checkpoint),
+                           "--requests", str(requests), "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_scores_are_the_models_own(trained_run, synthetic_dir, tmp_path):
+    trained = load_trained(trained_run)
+    rows = valid_rows(synthetic_dir)
+    path = tmp_path / "requests.parquet"
+    pq.write_table(requests_from(rows, trained.spec), path, row_group_size=5)  # 3 row groups
+    done = score_cli(trained_run, path, tmp_path / "scores.parquet", "--batch-requests", "4")
+    assert done.returncode == 0, done.stderr
+    scores = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    assert scores["request"] == [r for r in range(ROWS) for _ in range(3)]
+    assert scores["candidate"] == [0, 1, 2] * ROWS
+    assert scores["member_id"] == [m for m in rows["member_id"].to_pylist() for _ in range(3)]
+    # the first candidate is the row's last impression: its score is the model's forward on the row
+    spec = trained.spec
+    read = ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context)
+    full = tmp_path / "rows.parquet"
+    pq.write_table(rows, full)
+    block = read_block(open_file(full, read), 0, read)
+    with torch.no_grad():
+        logits = trained.model(collate(block, spec))
+    last = torch.from_numpy(block.offsets[1:] - 1)
+    expected = logits[last].sigmoid().numpy()
+    for k, task in enumerate(t.name for t in spec.tasks):
+        got = np.array(scores[f"p_{task}"]).reshape(ROWS, 3)
+        np.testing.assert_allclose(got[:, 0], expected[:, k], rtol=1e-4, atol=1e-6, err_msg=task)
+        assert np.ptp(got[:, 0]) > 0  # a trained model: scores differ between members
+    # the other methods give the same scores
+    again = score_cli(trained_run, path, tmp_path / "masked.parquet", "--method", "masked")
+    assert again.returncode == 0, again.stderr
+    masked = pq.read_table(tmp_path / "masked.parquet")
+    for task in (t.name for t in spec.tasks):
+        np.testing.assert_allclose(masked[f"p_{task}"].to_numpy(), np.array(scores[f"p_{task}"]), rtol=1e-4, atol=1e-6)
+
+
+def broken(table: pa.Table, how: str) -> pa.Table:
+    if how == "missing":
+        return table.drop_columns(["cand_author_ids"])
+    if how == "early":
+        times = table["request_time"].to_numpy().copy()
+        times[7] = 0
+        return table.set_column(table.schema.get_field_index("request_time"), "request_time", pa.array(times))
+    if how == "uneven":
+        lists = table["cand_positions"].to_pylist()
+        lists[4] = lists[4][:2]
+        return table.set_column(table.schema.get_field_index("cand_positions"), "cand_positions",
+                                pa.array(lists, table.schema.field("cand_positions").type))
+    if how == "negative":
+        lists = table["cand_author_ids"].to_pylist()
+        lists[9][1] = -3
+        return table.set_column(table.schema.get_field_index("cand_author_ids"), "cand_author_ids",
+                                pa.array(lists, table.schema.field("cand_author_ids").type))
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", r"missing column 'cand_author_ids'"),
+    ("early", r"row 7 \(of the file\): column 'request_time' \(0\) is before the history's last impression"),
+    ("uneven", r"row 4 \(of the file\): column 'cand_positions' has 2 candidates but 'cand_\w+' has 3"),
+    ("negative", r"row 9 \(of the file\): column 'cand_author_ids' has a negative id"),
+])
+def test_bad_requests_are_refused_by_file_row_and_column(trained_run, synthetic_dir, tmp_path, how, message):
+    trained = load_trained(trained_run)
+    path = tmp_path / "bad.parquet"
+    pq.write_table(broken(requests_from(valid_rows(synthetic_dir), trained.spec), how), path)
+    done = score_cli(trained_run, path, tmp_path / "scores.parquet")
+    assert done.returncode != 0
+    assert str(path) in done.stderr
+    assert re.search(message, done.stderr), done.stderr
+    assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_a_checkpoint_that_is_not_one_is_refused(tmp_path):
+    done = score_cli(tmp_path / "nothing", tmp_path / "r.parquet", tmp_path / "s.parquet")
+    assert done.returncode != 0 and "neither a complete checkpoint nor a run directory" in done.stderr
+
+
+def test_loaded_model_scores_without_its_dataset(trained_run, synthetic_dir):
+    """The loader sizes the tables from the run's record; given the dataset it checks them."""
+    from feedsr.data.config import ensure_dataset
+
+    alone, checked = load_trained(trained_run), load_trained(trained_run, meta=ensure_dataset(
+        load_trained(trained_run).config.data))
+    assert dict(alone.spec.id_table_sizes) == dict(checked.spec.id_table_sizes)
+    for (name, a), (_, b) in zip(alone.model.state_dict().items(), checked.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not alone.model.training
