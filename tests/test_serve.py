@@ -123,6 +123,44 @@ def test_a_cached_history_serves_later_requests():
                                    scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "rope_time", "session_mask", "no_history"])
+@pytest.mark.parametrize("cached_len,new_len", [(5, 9), (1, 2), (7, 7)])
+def test_an_updated_cache_equals_encoding_the_longer_history(config, cached_len, new_len):
+    """A member back with new impressions: the cache of the old history, extended (or, where the
+    model's history mask is not causal, re-encoded), equals encoding the new history in full."""
+    scorer = CandidateScorer(model_of(**CONFIGS[config]), MODEL_SPEC)
+    full = make_block([new_len], seed=6, gap_every=3)
+    old = full.gather(np.array([0]), np.array([0]), np.array([cached_len]))  # its first impressions
+    updated = scorer.update_history(scorer.encode_history(old), full)
+    fresh = scorer.encode_history(full)
+    for got, want in zip(updated.keys + updated.values, fresh.keys + fresh.values):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert updated.nbytes == fresh.nbytes == sum(t.numel() * 4 for t in fresh.keys + fresh.values)
+    candidates = make_candidates(full, [5])
+    torch.testing.assert_close(scorer.score_cached(updated, candidates),
+                               scorer.score(full, candidates, "one_by_one"), rtol=0, atol=1e-5)
+
+
+def test_a_cache_is_extended_only_when_the_history_extends_it():
+    """Only new tokens are encoded when the prefix is the cached one; a changed prefix or another
+    member is encoded in full (and still scores right)."""
+    scorer = CandidateScorer(model_of(), MODEL_SPEC)
+    full = make_block([9], seed=7)
+    old = full.gather(np.array([0]), np.array([0]), np.array([6]))
+    cache = scorer.encode_history(old)
+    assert scorer._extends(cache, full)
+    values = {k: v.copy() for k, v in full.values.items()}
+    values["item_ids"][2] += 1
+    changed = dataclasses.replace(full, values=values)
+    assert not scorer._extends(cache, changed)
+    other = dataclasses.replace(full, rows={**full.rows, "member_id": full.rows["member_id"] + 1})
+    assert not scorer._extends(cache, other)
+    assert not scorer._extends(cache, old.gather(np.array([0]), np.array([0]), np.array([5])))  # shorter
+    fresh = scorer.encode_history(changed)
+    for got, want in zip(scorer.update_history(cache, changed).keys, fresh.keys):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_one_layer_model():
     scorer = CandidateScorer(model_of(num_layers=1), MODEL_SPEC)
     history = make_block([5, 2], seed=5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from feedsr.data.batch import Batch, BatchSpec, collate, pad_jagged
@@ -49,6 +50,12 @@ class HistoryCache:
     history: Batch
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    block: SequenceBlock | None = None  # the histories as given (to recognise an extended one)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the cached keys and values."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 @dataclass
@@ -118,7 +125,21 @@ class CandidateScorer:
         self._check_eval()
         self._check_history(history)
         with torch.inference_mode():
-            return self._encode(collate(history, self.spec))
+            return dataclasses.replace(self._encode(collate(history, self.spec)), block=history)
+
+    def update_history(self, cache: HistoryCache, history: SequenceBlock) -> HistoryCache:
+        """The cache of ``history``, one member's, reusing ``cache`` where ``history`` extends the
+        history cached there (the same member and impressions, then new ones): only the new
+        impressions' tokens run through the blocks, attending to the cached keys and values and,
+        causally, to each other. Otherwise (another member, a changed or cut prefix, several
+        members, or a model whose history mask is not causal: ``session_mask``, no history) the
+        history is encoded in full. Equal to ``encode_history(history)`` either way."""
+        self._check_eval()
+        self._check_history(history)
+        if not self._extends(cache, history):
+            return self.encode_history(history)
+        with torch.inference_mode():
+            return self._extend(cache, history)
 
     def score_cached(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
         """(N, K) probabilities of the candidates of the members in ``cache`` (see ``score``)."""
@@ -265,6 +286,44 @@ class CandidateScorer:
         # keys and values, so its attention and FFN over the history are skipped.
         _, k, v = last.attn.heads(last.ln_attn(x), angles)
         return HistoryCache(history, keys + [k], values + [v])
+
+    def _extends(self, cache: HistoryCache, history: SequenceBlock) -> bool:
+        """Whether ``history`` is the one member of ``cache`` with impressions appended, under a
+        causal history mask (then the cached tokens never see the new ones)."""
+        old, cfg = cache.block, self.model.cfg
+        if old is None or len(old) != 1 or len(history) != 1 or cfg.session_mask or not cfg.use_history:
+            return False
+        cached = int(old.lengths[0])
+        return (int(history.lengths[0]) >= cached and old.rows["member_id"][0] == history.rows["member_id"][0]
+                and all(k in history.values and np.array_equal(history.values[k][:cached], v)
+                        for k, v in old.values.items()))
+
+    def _extend(self, cache: HistoryCache, history: SequenceBlock) -> HistoryCache:
+        model, batch = self.model, collate(history, self.spec)
+        length, start = int(history.lengths[0]), 2 * int(cache.block.lengths[0])
+        x, mask = model.tokens(batch, length)  # (1, 2L, D): embeddings are cheap, the blocks are not
+        angles = model.rotary(batch, mask)
+        x = x[:, start:]
+        angles = None if angles is None else angles[:, start:]
+        # new token i is token start + i: it sees every cached token and the new ones up to itself
+        visible = torch.ones(x.shape[1], 2 * length, dtype=torch.bool).tril(diagonal=start)
+        keys, values = [], []
+
+        def attend_with(old_keys, old_values):
+            def attend(q, k, v, scale):
+                keys.append(torch.cat([old_keys, k], dim=2))
+                values.append(torch.cat([old_values, v], dim=2))
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, keys[-1], values[-1], attn_mask=visible, scale=scale)
+            return attend
+
+        *blocks, last = model.transformer.blocks
+        for block, old_keys, old_values in zip(blocks, cache.keys, cache.values):
+            x = block(x, angles, None, attend_with(old_keys, old_values))
+        _, k, v = last.attn.heads(last.ln_attn(x), angles)  # as in _encode: only its keys and values
+        keys.append(torch.cat([cache.keys[-1], k], dim=2))
+        values.append(torch.cat([cache.values[-1], v], dim=2))
+        return HistoryCache(batch, keys, values, history)
 
     def _score_kv(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
         cand = collate(candidates.to_block(self.spec), self.spec)
