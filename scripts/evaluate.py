@@ -12,7 +12,6 @@ be a run directory, which means its newest complete checkpoint. The model is reb
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -29,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the run's eval_batch_size)")
     p.add_argument("--max-rows", type=int, help="score only the split's first N rows in file order "
                    "(what trainer.val_max_rows validates on; default: every row)")
+    p.add_argument("--calibration", type=Path, help="also report the metrics after this calibration "
+                   "(python -m feedsr.serve calibrate)")
     return p.parse_args(argv)
 
 
@@ -37,32 +38,43 @@ def main(argv=None) -> dict:
     from feedsr.quiet import quiet_libraries
 
     quiet_libraries()
-    from feedsr.eval.metrics import format_table
-    from feedsr.eval.scoring import evaluate_checkpoint
+    from feedsr.eval.calibration import Calibration
+    from feedsr.eval.metrics import format_table, task_metrics
+    from feedsr.eval.scoring import predict_checkpoint
     from feedsr.eval.trained import resolve_checkpoint, run_config
     from feedsr.runtime.checkpoint import CheckpointError
 
     try:
         checkpoint, damaged = resolve_checkpoint(args.checkpoint)
-        config = run_config(checkpoint)
-    except CheckpointError as e:
+        config = run_config(checkpoint, args.data, args.batch_size)
+        calibration = Calibration.load(args.calibration) if args.calibration else None
+    except (CheckpointError, ValueError) as e:
         sys.exit(f"evaluate: {e}")
     for problem in damaged:
         print(f"evaluate: WARNING: skipped a damaged checkpoint: {problem}", file=sys.stderr)
-    data = dataclasses.replace(config.data, generate=None,
-                               path=str(args.data or config.data.path),
-                               eval_batch_size=args.batch_size or config.data.eval_batch_size)
-    config = dataclasses.replace(config, data=data)
     start = time.perf_counter()
     try:
-        metrics = evaluate_checkpoint(config, checkpoint, args.split, args.max_rows)
+        predicted = predict_checkpoint(config, checkpoint, args.split, args.max_rows)
     except CheckpointError as e:
         sys.exit(f"evaluate: {e}")
+    metrics = predicted.compute()
     seconds = time.perf_counter() - start
-    print(f"{checkpoint} on {data.path} [{args.split}] ({seconds:.1f} s)")
+    print(f"{checkpoint} on {config.data.path} [{args.split}] ({seconds:.1f} s)")
     print(format_table(metrics))
-    report = {"checkpoint": str(checkpoint), "data": data.path, "split": args.split,
+    report = {"checkpoint": str(checkpoint), "data": config.data.path, "split": args.split,
               "seconds": seconds, "metrics": {k: m.to_dict() for k, m in metrics.items()}}
+    if calibration is not None:
+        preds, labels, truth = predicted.arrays()
+        tasks = predicted.task_names
+        try:
+            calibrated = calibration.apply(preds, tasks)
+        except ValueError as e:
+            sys.exit(f"evaluate: {args.calibration}: {e}")
+        after = {t: task_metrics(t, calibrated[:, k], labels[:, k], truth[:, k]) for k, t in enumerate(tasks)}
+        print(f"after the calibration {args.calibration} (fitted on {calibration.fitted_on}):")
+        print(format_table(after))
+        report["calibrated"] = {k: m.to_dict() for k, m in after.items()}
+        report["calibration"] = str(args.calibration)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -145,3 +145,69 @@ def test_loaded_model_scores_without_its_dataset(trained_run, synthetic_dir):
     for (name, a), (_, b) in zip(alone.model.state_dict().items(), checked.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert not alone.model.training
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_isotonic_fit_pools_violators_and_ties():
+    from feedsr.eval.calibration import CLIP, isotonic
+
+    x, y = isotonic(np.array([0.4, 0.1, 0.3, 0.2, 0.3]), np.array([1, 1, 0, 0, 1]))
+    # sorted: 0.1->1, 0.2->0, (0.3: 0 and 1 pooled as a tie) ->0.5, 0.4->1; 1 > 0 violates: 0.1..0.2 pool to 0.5,
+    # then 0.5 >= 0.5 pools with the tie: one block 0.1..0.3 at 2/4, then 0.4 at 1
+    np.testing.assert_allclose(x, [0.1, 0.3, 0.4, 0.4])
+    np.testing.assert_allclose(y, [0.5, 0.5, 1 - CLIP, 1 - CLIP])
+    rng = np.random.default_rng(0)
+    preds = rng.random(5000)
+    labels = rng.random(5000) < preds ** 2  # miscalibrated on purpose
+    x, y = isotonic(preds, labels)
+    assert (np.diff(x) >= 0).all() and (np.diff(y) >= 0).all()
+    fitted = np.interp(preds, x, y)
+    assert fitted.mean() == pytest.approx(labels.mean(), abs=1e-6)  # isotonic fits keep the base rate
+    np.testing.assert_allclose(fitted, np.interp(preds, x, y))
+    assert np.abs(fitted - preds ** 2).mean() < 0.05  # it recovers the true map
+
+
+def test_calibrate_then_score_and_evaluate_with_it(trained_run, synthetic_dir, tmp_path):
+    import json
+
+    from feedsr.eval.calibration import Calibration
+
+    path = tmp_path / "calibration.json"
+    done = subprocess.run([sys.executable, "-m", "feedsr.serve", "calibrate", "--checkpoint", str(trained_run),
+                           "--out", str(path)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calibration = Calibration.load(path)
+    assert calibration.fitted_on["split"] == "valid" and calibration.fitted_on["impressions"] > 1000
+    # scores with the calibration are the calibrated scores
+    trained = load_trained(trained_run)
+    requests = tmp_path / "requests.parquet"
+    pq.write_table(requests_from(valid_rows(synthetic_dir), trained.spec), requests)
+    assert score_cli(trained_run, requests, tmp_path / "raw.parquet").returncode == 0
+    done = score_cli(trained_run, requests, tmp_path / "cal.parquet", "--calibration", str(path))
+    assert done.returncode == 0, done.stderr
+    tasks = [t.name for t in trained.spec.tasks]
+    raw, cal = pq.read_table(tmp_path / "raw.parquet"), pq.read_table(tmp_path / "cal.parquet")
+    raw_p = np.column_stack([raw[f"p_{t}"].to_numpy() for t in tasks]).astype(np.float64)
+    cal_p = np.column_stack([cal[f"p_{t}"].to_numpy() for t in tasks])
+    np.testing.assert_allclose(cal_p, calibration.apply(raw_p, tasks), rtol=1e-5, atol=1e-6)
+    for k in range(len(tasks)):  # monotone: the ranking is kept (up to new ties)
+        assert (np.diff(cal_p[np.argsort(raw_p[:, k], kind="stable"), k]) >= 0).all()
+    # evaluate.py reports both; on the split it was fitted on the calibration ratio becomes 1
+    out = tmp_path / "valid.json"
+    done = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(trained_run), "--split",
+                           "valid", "--calibration", str(path), "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    for task in tasks:
+        before, after = report["metrics"][task], report["calibrated"][task]
+        assert after["calibration"] == pytest.approx(1.0, abs=1e-3)
+        assert after["ne"] <= before["ne"] + 1e-9
+    # a calibration without one of the model's tasks is refused by name
+    record = json.loads(path.read_text())
+    del record["tasks"]["like"]
+    path.write_text(json.dumps(record))
+    done = score_cli(trained_run, requests, tmp_path / "bad.parquet", "--calibration", str(path))
+    assert done.returncode != 0 and "no map for task(s) ['like']" in done.stderr and str(path) in done.stderr

@@ -12,14 +12,14 @@ from feedsr.eval.metrics import MetricAccumulator, TaskMetrics
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module,
     batches: Iterable[Batch],
     task_names: list[str],
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, TaskMetrics]:
-    """Per-task metrics over the target impressions of ``batches``, reduced over all ranks.
+) -> MetricAccumulator:
+    """Every target impression's predictions and labels of ``batches``, gathered over all ranks.
 
     A collective when torch.distributed is initialized: every rank must call it with the same
     number of batches (the reader guarantees it). The model is left in eval mode.
@@ -31,4 +31,16 @@ def evaluate(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(batch)
         accumulator.update(logits.float(), batch.labels, batch.target_mask, batch.true_probs)
-    return accumulator.all_gather().compute()
+    return accumulator.all_gather()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    task_names: list[str],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, TaskMetrics]:
+    """Per-task metrics over the target impressions of ``batches``, reduced over all ranks (see
+    ``predict``)."""
+    return predict(model, batches, task_names, device, autocast_dtype).compute()

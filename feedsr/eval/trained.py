@@ -13,6 +13,7 @@ checkpoints here, and nowhere else:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,16 @@ def run_dir_of(checkpoint: Path) -> Path:
     return Path(checkpoint).parent.parent  # <run>/checkpoints/step-N
 
 
-def run_config(checkpoint: Path) -> Config:
-    """The config the checkpoint's run was trained with."""
+def run_config(checkpoint: Path, data_path: str | Path | None = None, eval_batch_size: int | None = None) -> Config:
+    """The config the checkpoint's run was trained with; to score other data, with
+    ``data_path`` (a prepared dataset: never generated here) and ``eval_batch_size`` changed."""
     path = run_dir_of(checkpoint) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} missing: cannot rebuild the model of {checkpoint}")
-    return to_config(OmegaConf.load(path))
+    config = to_config(OmegaConf.load(path))
+    data = dataclasses.replace(config.data, generate=None, path=str(data_path or config.data.path),
+                               eval_batch_size=eval_batch_size or config.data.eval_batch_size)
+    return dataclasses.replace(config, data=data)
 
 
 def run_spec(config: Config, checkpoint: Path, meta: dict | None = None) -> BatchSpec:

@@ -1,7 +1,10 @@
 """Score candidates with a trained model from the command line.
 
     python -m feedsr.serve score --checkpoint runs/synthetic_main --requests requests.parquet \
-        --out scores.parquet [--method kv] [--batch-requests 64] [--device cpu] [--threads N]
+        --out scores.parquet [--calibration calibration.json] [--method kv] [--batch-requests 64] \
+        [--device cpu] [--threads N]
+    python -m feedsr.serve calibrate --checkpoint runs/synthetic_main --out calibration.json \
+        [--split valid] [--data DIR] [--max-rows N]
 
 ``--checkpoint``: a step-N folder or a run directory (its newest checkpoint that verifies), from
 any world size. The request and score files are described in ``feedsr/serve/requests.py``.
@@ -30,14 +33,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--batch-requests", type=int, default=64, help="requests scored together")
     score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     score.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    score.add_argument("--calibration", type=Path, help="apply this calibration (python -m feedsr.serve calibrate)")
+    fit = commands.add_parser("calibrate", help="fit a per-task isotonic calibration on a split")
+    fit.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
+    fit.add_argument("--out", required=True, type=Path, help="calibration JSON file to write")
+    fit.add_argument("--split", default="valid", help="split to fit on (default: valid)")
+    fit.add_argument("--data", type=Path, help="dataset directory (default: the run's data.path)")
+    fit.add_argument("--batch-size", type=int, help="rows per batch (default: the run's eval_batch_size)")
+    fit.add_argument("--max-rows", type=int, help="fit on the split's first N rows (default: every row)")
     return p.parse_args(argv)
 
 
 def score(args: argparse.Namespace) -> int:
     """Write the scores file; returns the number of (request, candidate) rows."""
+    import numpy as np
     import pyarrow.parquet as pq
     import torch
 
+    from feedsr.eval.calibration import Calibration
     from feedsr.eval.trained import load_trained
     from feedsr.serve.requests import read_requests, scores_table
     from feedsr.serve.scorer import CandidateScorer
@@ -46,11 +59,22 @@ def score(args: argparse.Namespace) -> int:
         raise DataError(f"--batch-requests must be >= 1, got {args.batch_requests}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    calibration = None
+    if args.calibration:
+        try:
+            calibration = Calibration.load(args.calibration)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     trained = load_trained(args.checkpoint, args.device)
     for problem in trained.skipped:
         print(f"serve: WARNING: skipped a damaged checkpoint: {problem}", file=sys.stderr)
     scorer = CandidateScorer(trained.model, trained.spec)
     tasks = [t.name for t in trained.spec.tasks]
+    if calibration is not None:
+        try:
+            calibration.apply(np.full((1, len(tasks)), 0.5), tasks)  # every task has a map
+        except ValueError as e:
+            raise DataError(f"{args.calibration}: {e}") from None
     max_history = trained.config.data.max_seq_len - 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     written, start, writer = 0, time.perf_counter(), None
@@ -60,7 +84,9 @@ def score(args: argparse.Namespace) -> int:
                 part = sliced(requests, lo, min(lo + args.batch_requests, len(requests.history)))
                 if part is None:
                     continue
-                probs = scorer.score(part.history, part.candidates, args.method).float().cpu().numpy()
+                probs = scorer.score(part.history, part.candidates, args.method).double().cpu().numpy()
+                if calibration is not None:
+                    probs = calibration.apply(probs, tasks)
                 table = scores_table(part, probs, tasks)
                 writer = writer or pq.ParquetWriter(args.out, table.schema)
                 writer.write_table(table)
@@ -71,6 +97,32 @@ def score(args: argparse.Namespace) -> int:
     print(f"serve: scored {written} candidates with {trained.checkpoint} ({args.method}) in "
           f"{time.perf_counter() - start:.1f} s -> {args.out}")
     return written
+
+
+def calibrate(args: argparse.Namespace) -> dict:
+    """Fit and write the calibration; returns the metrics before and after on the fitted split."""
+    from feedsr.eval.calibration import Calibration
+    from feedsr.eval.metrics import format_table, task_metrics
+    from feedsr.eval.scoring import predict_checkpoint
+    from feedsr.eval.trained import resolve_checkpoint, run_config
+
+    checkpoint, _ = resolve_checkpoint(args.checkpoint)
+    config = run_config(checkpoint, args.data, args.batch_size)
+    predicted = predict_checkpoint(config, checkpoint, args.split, args.max_rows)
+    preds, labels, truth = predicted.arrays()
+    tasks = predicted.task_names
+    fitted_on = {"checkpoint": str(checkpoint), "data": config.data.path, "split": args.split,
+                 "impressions": len(preds)}
+    calibration = Calibration.fit(preds, labels, tasks, fitted_on)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    calibration.save(args.out)
+    after = calibration.apply(preds, tasks)
+    before = predicted.compute()
+    fitted = {t: task_metrics(t, after[:, k], labels[:, k], truth[:, k]) for k, t in enumerate(tasks)}
+    print(f"serve: calibration of {checkpoint} fitted on {config.data.path} [{args.split}] "
+          f"({len(preds)} impressions) -> {args.out}")
+    print("before:\n" + format_table(before) + "\nafter (on the same rows: in-sample):\n" + format_table(fitted))
+    return {"before": before, "after": fitted}
 
 
 def sliced(requests, lo: int, hi: int):
@@ -92,7 +144,7 @@ def main(argv=None) -> None:
 
     quiet_libraries()
     try:
-        score(args)
+        calibrate(args) if args.command == "calibrate" else score(args)
     except (DataError, CheckpointError) as e:
         sys.exit(f"serve: {e}")
 
