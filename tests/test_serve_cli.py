@@ -211,3 +211,43 @@ def test_calibrate_then_score_and_evaluate_with_it(trained_run, synthetic_dir, t
     path.write_text(json.dumps(record))
     done = score_cli(trained_run, requests, tmp_path / "bad.parquet", "--calibration", str(path))
     assert done.returncode != 0 and "no map for task(s) ['like']" in done.stderr and str(path) in done.stderr
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.mark.slow  # AOTInductor compiles two programs: minutes on 2 cores
+def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
+    import json
+
+    out = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "feedsr.serve", "export", "--checkpoint", str(trained_run),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "export.json").read_text())["layers"] == 1
+    trained = load_trained(trained_run)
+    rows = valid_rows(synthetic_dir)
+    table = requests_from(rows, trained.spec)
+    # histories of every length down to 1 impression (padded inside the runner), and 1..3 candidates
+    lists = [c for c in table.column_names if pa.types.is_list(table.schema.field(c).type)]
+    cut = {c: [v[:max(1, len(v) - 3 * i)] if not c.startswith("cand_") else v[:1 + i % 3]
+               for i, v in enumerate(table[c].to_pylist())] for c in lists}
+    for c in lists:
+        table = table.set_column(table.schema.get_field_index(c), c, pa.array(cut[c], table.schema.field(c).type))
+    assert min(len(v) for v in cut["timestamps"]) == 1
+    requests = tmp_path / "requests.parquet"
+    pq.write_table(table, requests)
+    eager, exported = tmp_path / "eager.parquet", tmp_path / "exported.parquet"
+    assert score_cli(trained_run, requests, eager).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "feedsr.serve", "score", "--exported", str(out), "--requests",
+                           str(requests), "--out", str(exported)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = pq.read_table(eager), pq.read_table(exported)
+    assert a.column_names == b.column_names and a.num_rows == b.num_rows == sum(1 + i % 3 for i in range(ROWS))
+    for name in a.column_names:
+        np.testing.assert_allclose(b[name].to_numpy(), a[name].to_numpy(), rtol=0, atol=1e-5, err_msg=name)
+    # the exported scorer runs without the model code
+    check = ("import sys; from feedsr.serve.exported import ExportedScorer; "
+             f"ExportedScorer({str(out)!r}); assert not [m for m in sys.modules if m.startswith('feedsr.model')]")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -76,22 +76,32 @@ class Calibration:
             out[:, k] = np.interp(probs[:, k], x, y)
         return out
 
+    def to_dict(self) -> dict:
+        return {"fitted_on": self.fitted_on,
+                "tasks": {t: {"x": x.tolist(), "y": y.tolist()} for t, (x, y) in self.tasks.items()}}
+
+    @classmethod
+    def from_dict(cls, record: dict, source: str = "calibration") -> Calibration:
+        try:
+            tasks = {t: (np.asarray(k["x"], np.float64), np.asarray(k["y"], np.float64))
+                     for t, k in record["tasks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: not a calibration written by `python -m feedsr.serve calibrate` "
+                             f"({type(e).__name__}: {e})") from None
+        for task, (x, y) in tasks.items():
+            if x.ndim != 1 or len(x) != len(y) or len(x) == 0 or (np.diff(x) < 0).any() or (np.diff(y) < 0).any():
+                raise ValueError(f"{source}: task '{task}': knots must be non-empty, of equal length and "
+                                 "non-decreasing")
+        return cls(tasks, record.get("fitted_on", {}))
+
     def save(self, path: Path) -> None:
-        record = {"fitted_on": self.fitted_on,
-                  "tasks": {t: {"x": x.tolist(), "y": y.tolist()} for t, (x, y) in self.tasks.items()}}
-        Path(path).write_text(json.dumps(record, indent=1) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
         try:
             record = json.loads(Path(path).read_text())
-            tasks = {t: (np.asarray(k["x"], np.float64), np.asarray(k["y"], np.float64))
-                     for t, k in record["tasks"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a calibration file written by `python -m feedsr.serve calibrate` "
                              f"({type(e).__name__}: {e})") from None
-        for task, (x, y) in tasks.items():
-            if len(x) != len(y) or len(x) == 0 or (np.diff(x) < 0).any() or (np.diff(y) < 0).any():
-                raise ValueError(f"{path}: task '{task}': knots must be non-empty, of equal length and "
-                                 "non-decreasing")
-        return cls(tasks, record.get("fitted_on", {}))
+        return cls.from_dict(record, str(path))

@@ -50,6 +50,19 @@ class PostEmbedding(nn.Module):
             parts.append(context)
         return torch.cat(parts, dim=-1)
 
+    def dense(self, ids: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+        """The same from plain id tensors (one per feature, in ``features`` order, each of shape
+        S, taken modulo the table size as ``collate`` takes them) and (*S, C) context: (*S, out_dim).
+        Reads the EmbeddingCollection's own tables (an unsharded model)."""
+        tables = self.ec.embeddings
+        parts = []
+        for feature, values in zip(self.features, ids, strict=True):
+            weight = tables[table_name(feature)].weight
+            parts.append(torch.nn.functional.embedding(values % weight.shape[0], weight))
+        if self.context_dim:
+            parts.append(context)
+        return torch.cat(parts, dim=-1)
+
 
 class PositionBias(nn.Module):
     """A learned logit offset per (feed position, task) for the first ``num_positions`` positions.

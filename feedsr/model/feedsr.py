@@ -54,13 +54,28 @@ class FeedSR(nn.Module):
         self.head = build_head(cfg.head, head_in, task_groups)
         self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))
 
-    # The steps of ``forward``, public so that serving (feedsr/serve) composes the same model:
-    # post_tokens -> tokens -> rotary / attention_mask -> represent -> predict.
+    # The steps of ``forward``, public so that serving (feedsr/serve, its exported programs
+    # included) composes the same model: post_tokens -> tokens (interleave) -> rotary (rope) /
+    # attention_mask -> represent -> predict.
 
     def post_tokens(self, sparse, context: torch.Tensor) -> torch.Tensor:
         """(N, D) post tokens X of N impressions (or candidates): their id embeddings (and context
         without late fusion), projected to the model width; no position yet."""
         return self.input_proj(self.posts(sparse, context))
+
+    def dense_post_tokens(self, ids: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+        """``post_tokens`` from padded id tensors (one per id feature, in table order, any shape
+        ``S``) and (*S, C) context: (*S, D). For traced and exported programs, which take no
+        KeyedJaggedTensor."""
+        return self.input_proj(self.posts.dense(ids, context))
+
+    def interleave(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) post and action tokens -> (B, 2T, D) [X_1, A_1, ..., X_T, A_T], with the
+        learned position of their impression when configured."""
+        if self.abs_positions is not None:
+            pos = self.abs_positions.weight[:x.shape[1]]  # post and action share the position
+            x, a = x + pos, a + pos
+        return torch.stack([x, a], dim=2).flatten(1, 2)
 
     def tokens(self, batch: Batch, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved (B, 2T, D) tokens and the (B, T) mask of real impressions."""
@@ -68,23 +83,30 @@ class FeedSR(nn.Module):
         a = self.action_proj(batch.actions)  # (N, D)
         x, mask = pad_jagged(x, batch.lengths, max_len)  # (B, T, D)
         a, _ = pad_jagged(a, batch.lengths, max_len)
-        if self.abs_positions is not None:
-            pos = self.abs_positions.weight[:max_len]  # post and action share the position
-            x, a = x + pos, a + pos
-        return torch.stack([x, a], dim=2).flatten(1, 2), mask  # (B, 2T, D)
+        return self.interleave(x, a), mask
+
+    def rope(self, positions: torch.Tensor, timestamps: torch.Tensor | None = None,
+             origin: torch.Tensor | None = None) -> torch.Tensor | None:
+        """RoPE angles (B, S, Dh/2) of tokens at impression index ``positions`` (B or 1, S) and,
+        with ``rope_time``, at ``timestamps`` (B, S) seconds, counted from ``origin`` (B, 1): the
+        member's first impression. None without RoPE."""
+        if self.cfg.position_encoding != "rope":
+            return None
+        times = None
+        if self.cfg.rope_time:
+            times = ((timestamps - origin).double() / self.cfg.rope_time_unit_s).float()
+        return rope_angles(positions, self.transformer.blocks[0].attn.head_dim, self.cfg.rope_base, times)
 
     def rotary(self, batch: Batch, mask: torch.Tensor) -> torch.Tensor | None:
+        """The angles of a batch's interleaved tokens (X_t and A_t share t), or None."""
         if self.cfg.position_encoding != "rope":
             return None
         batch_size, max_len = mask.shape
-        pos = torch.arange(max_len, device=mask.device).repeat_interleave(2)[None]  # X_t, A_t share t
-        times = None  # without time, every row has the same angles: (1, S, Dh/2) broadcasts
-        if self.cfg.rope_time:
-            pos = pos.expand(batch_size, -1)
-            ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
-            hours = (ts - ts[:, :1]).double() / self.cfg.rope_time_unit_s
-            times = hours.float().repeat_interleave(2, dim=1)
-        return rope_angles(pos, self.transformer.blocks[0].attn.head_dim, self.cfg.rope_base, times)
+        pos = torch.arange(max_len, device=mask.device).repeat_interleave(2)[None]
+        if not self.cfg.rope_time:  # every row has the same angles: (1, S, Dh/2) broadcasts
+            return self.rope(pos)
+        ts, _ = pad_jagged(batch.timestamps, batch.lengths, max_len)
+        return self.rope(pos.expand(batch_size, -1), ts.repeat_interleave(2, dim=1), ts[:, :1])
 
     def attention_mask(self, batch: Batch, max_len: int) -> torch.Tensor | None:
         """(B, 1, 2T, 2T) mask over the interleaved tokens (session / no-history variants); None = causal."""

@@ -123,7 +123,8 @@ class MMoEHead(nn.Module):
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """(N, G, E) softmax weights per gate group (before dropout)."""
-        return self.gates(x).view(len(x), self.num_groups, self.num_experts).softmax(-1)
+        # unflatten, not view(len(x), ..): len() is a Python int, which torch.export would fix
+        return self.gates(x).unflatten(-1, (self.num_groups, self.num_experts)).softmax(-1)
 
     def forward(self, x):
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (N, E, H)

@@ -5,6 +5,9 @@
         [--device cpu] [--threads N]
     python -m feedsr.serve calibrate --checkpoint runs/synthetic_main --out calibration.json \
         [--split valid] [--data DIR] [--max-rows N]
+    python -m feedsr.serve export --checkpoint runs/synthetic_main --out exported/ \
+        [--calibration calibration.json] [--device cpu]
+    python -m feedsr.serve score --exported exported/ --requests requests.parquet --out scores.parquet
 
 ``--checkpoint``: a step-N folder or a run directory (its newest checkpoint that verifies), from
 any world size. The request and score files are described in ``feedsr/serve/requests.py``.
@@ -25,7 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m feedsr.serve", description=__doc__.split("\n\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score the candidates of a request file")
-    score.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
+    model = score.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="step-N folder or run directory")
+    model.add_argument("--exported", type=Path, help="a folder written by `export` (compiled programs)")
     score.add_argument("--requests", required=True, type=Path, help="request Parquet file")
     score.add_argument("--out", required=True, type=Path, help="scores Parquet file to write")
     score.add_argument("--method", default="kv", choices=["kv", "masked", "one_by_one"],
@@ -34,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     score.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     score.add_argument("--calibration", type=Path, help="apply this calibration (python -m feedsr.serve calibrate)")
+    export = commands.add_parser("export", help="compile the KV scoring path ahead of time (AOTInductor)")
+    export.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
+    export.add_argument("--out", required=True, type=Path, help="folder for the programs and export.json")
+    export.add_argument("--calibration", type=Path, help="a calibration to apply in the exported scorer")
+    export.add_argument("--device", default="cpu", help="cpu, cuda, ... (the programs run there)")
     fit = commands.add_parser("calibrate", help="fit a per-task isotonic calibration on a split")
     fit.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
     fit.add_argument("--out", required=True, type=Path, help="calibration JSON file to write")
@@ -46,19 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def score(args: argparse.Namespace) -> int:
     """Write the scores file; returns the number of (request, candidate) rows."""
+    import torch
+
+    if args.batch_requests < 1:
+        raise DataError(f"--batch-requests must be >= 1, got {args.batch_requests}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.exported:
+        return score_exported(args)  # imports no model code
     import numpy as np
     import pyarrow.parquet as pq
-    import torch
 
     from feedsr.eval.calibration import Calibration
     from feedsr.eval.trained import load_trained
     from feedsr.serve.requests import read_requests, scores_table
     from feedsr.serve.scorer import CandidateScorer
 
-    if args.batch_requests < 1:
-        raise DataError(f"--batch-requests must be >= 1, got {args.batch_requests}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     calibration = None
     if args.calibration:
         try:
@@ -97,6 +110,63 @@ def score(args: argparse.Namespace) -> int:
     print(f"serve: scored {written} candidates with {trained.checkpoint} ({args.method}) in "
           f"{time.perf_counter() - start:.1f} s -> {args.out}")
     return written
+
+
+def score_exported(args: argparse.Namespace) -> int:
+    """``score --exported``: the compiled programs, one request at a time, no model code."""
+    import pyarrow.parquet as pq
+
+    from feedsr.serve.exported import ExportedScorer
+    from feedsr.serve.requests import read_requests, scores_table
+
+    if args.calibration:
+        raise DataError("--calibration goes to `export` (the export folder holds it), not to score --exported")
+    try:
+        scorer = ExportedScorer(args.exported, args.device)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    written, start, writer = 0, time.perf_counter(), None
+    try:
+        for requests in read_requests(args.requests, scorer.spec, scorer.meta["max_history"]):
+            history, cands = requests.history, requests.candidates
+            for row in range(len(history)):
+                part = sliced(requests, row, row + 1)
+                if part is None:
+                    continue
+                lo, hi = history.offsets[row], history.offsets[row + 1]
+                cache = scorer.encode({k: v[lo:hi] for k, v in history.values.items()})
+                a, b = cands.offsets[row], cands.offsets[row + 1]
+                probs = scorer.score(cache, {k: v[a:b] for k, v in cands.values.items()},
+                                     int(cands.request_times[row]))
+                table = scores_table(part, probs, scorer.tasks)
+                writer = writer or pq.ParquetWriter(args.out, table.schema)
+                writer.write_table(table)
+                written += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"serve: scored {written} candidates with the exported {args.exported} in "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    return written
+
+
+def export_command(args: argparse.Namespace) -> dict:
+    from feedsr.eval.calibration import Calibration
+    from feedsr.eval.trained import load_trained
+    from feedsr.serve.export import ExportError, export
+
+    try:
+        calibration = Calibration.load(args.calibration) if args.calibration else None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    trained = load_trained(args.checkpoint, args.device)
+    try:
+        meta = export(trained, args.out, calibration, lambda line: print(f"serve: {line}", flush=True))
+    except ExportError as e:
+        raise DataError(str(e)) from None
+    print(f"serve: exported {trained.checkpoint} -> {args.out}")
+    return meta
 
 
 def calibrate(args: argparse.Namespace) -> dict:
@@ -144,7 +214,7 @@ def main(argv=None) -> None:
 
     quiet_libraries()
     try:
-        calibrate(args) if args.command == "calibrate" else score(args)
+        {"calibrate": calibrate, "export": export_command, "score": score}[args.command](args)
     except (DataError, CheckpointError) as e:
         sys.exit(f"serve: {e}")
 

@@ -35,8 +35,9 @@ def cached(keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> A
         keys, values: (B, H, 2T, Dh) one layer's cached history keys (post-RoPE) and values.
         visible: (B,) history tokens each member's candidates see (a prefix of the 2T).
     """
-    hidden = torch.arange(keys.shape[2]) >= visible[:, None]  # (B, 2T)
-    bias = torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, 2T)
+    hidden = torch.arange(keys.shape[2], device=keys.device) >= visible[:, None]  # (B, 2T)
+    bias = torch.zeros(hidden.shape, dtype=keys.dtype, device=keys.device).masked_fill(
+        hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, 2T)
     return functools.partial(_cached, keys=keys, values=values, bias=bias)
 
 

@@ -270,22 +270,9 @@ class CandidateScorer:
     def _encode(self, history: Batch) -> HistoryCache:
         model, max_len = self.model, int(history.lengths.max())
         x, mask = model.tokens(history, max_len)  # (B, 2T, D)
-        angles = model.rotary(history, mask)
-        history_attention = attention.sdpa(self.model.attention_mask(history, max_len))
-        keys, values = [], []
-
-        def attend(q, k, v, scale):
-            keys.append(k)
-            values.append(v)
-            return history_attention(q, k, v, scale)
-
-        *blocks, last = model.transformer.blocks
-        for block in blocks:
-            x = block(x, angles, None, attend)
-        # The last block's outputs at history tokens are never read: candidates need only its
-        # keys and values, so its attention and FFN over the history are skipped.
-        _, k, v = last.attn.heads(last.ln_attn(x), angles)
-        return HistoryCache(history, keys + [k], values + [v])
+        keys, values = history_kv(model, x, model.rotary(history, mask),
+                                  attention.sdpa(model.attention_mask(history, max_len)))
+        return HistoryCache(history, keys, values)
 
     def _extends(self, cache: HistoryCache, history: SequenceBlock) -> bool:
         """Whether ``history`` is the one member of ``cache`` with impressions appended, under a
@@ -329,11 +316,39 @@ class CandidateScorer:
         cand = collate(candidates.to_block(self.spec), self.spec)
         place = self._placement(cache.history, torch.from_numpy(candidates.request_times))
         x, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
-        angles = self._candidate_angles(place, x.shape[1])
-        transformer = self.model.transformer
-        for block, keys, values in zip(transformer.blocks, cache.keys, cache.values):
-            x = block(x, angles, None, attention.cached(keys, values, place.visible))
-        return self._head(transformer.ln_out(x)[cand_mask], cand)
+        h = over_cache(self.model, x, self._candidate_angles(place, x.shape[1]), cache.keys, cache.values,
+                       place.visible)
+        return self._head(h[cand_mask], cand)
+
+
+def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None,
+               history_attention) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's (B, H, 2T, Dh) keys and values of the history tokens ``x`` (B, 2T, D), the
+    history attending under ``history_attention`` (an ``Attend``)."""
+    keys, values = [], []
+
+    def attend(q, k, v, scale):
+        keys.append(k)
+        values.append(v)
+        return history_attention(q, k, v, scale)
+
+    *blocks, last = model.transformer.blocks
+    for block in blocks:
+        x = block(x, angles, None, attend)
+    # The last block's outputs at history tokens are never read: candidates need only its
+    # keys and values, so its attention and FFN over the history are skipped.
+    _, k, v = last.attn.heads(last.ln_attn(x), angles)
+    return keys + [k], values + [v]
+
+
+def over_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, keys: list[torch.Tensor],
+               values: list[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) transformer outputs of candidate tokens ``x`` (B, N, D), each attending to the
+    first ``visible`` (B,) cached history tokens of its member and to itself."""
+    transformer = model.transformer
+    for block, k, v in zip(transformer.blocks, keys, values):
+        x = block(x, angles, None, attention.cached(k, v, visible))
+    return transformer.ln_out(x)
 
 
 def _extended_timeline(history: Batch, request_times: torch.Tensor) -> Batch:

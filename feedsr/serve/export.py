@@ -1,0 +1,170 @@
+"""The KV scoring path as two ahead-of-time compiled programs (torch.export + AOTInductor).
+
+``python -m feedsr.serve export --checkpoint CK --out DIR`` writes
+
+    DIR/history.pt2      one member's history -> every layer's keys and values
+    DIR/candidates.pt2   N candidates of that member over the cached keys and values -> (N, K)
+                         probabilities
+    DIR/export.json      what a runner needs besides the programs: id features and their table
+                         sizes, context and action names, tasks, the longest history, the
+                         calibration (optional), and where the weights came from
+
+Both programs are the model's own steps (``FeedSR.dense_post_tokens``, ``interleave``, ``rope``,
+``predict``; the scorer's ``history_kv`` and ``over_cache``) traced with dynamic history length
+and candidate count; ``feedsr/serve/exported.py`` runs them without the model code. Inputs are
+plain tensors: ids of every id feature stacked (F, 1, S) in table order (the programs take them
+modulo the table sizes, as training's ``collate`` does), action bits, context, timestamps,
+positions. One member per call (B = 1): a request.
+
+Only a causal history can be exported (not ``model.session_mask``, not ``model.use_history=false``):
+their masks depend on sessions and the request time; the eager scorer serves those.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feedsr.eval.calibration import Calibration
+from feedsr.eval.trained import Trained
+from feedsr.model.feedsr import FeedSR
+from feedsr.serve.scorer import history_kv, over_cache
+
+HISTORY_PROGRAM, CANDIDATE_PROGRAM, EXPORT_META = "history.pt2", "candidates.pt2", "export.json"
+MAX_CANDIDATES = 65_536  # the candidate dimension's upper bound in the exported program
+
+
+class ExportError(ValueError):
+    """A model or request the exported programs cannot serve."""
+
+
+def causal(q, k, v, scale):
+    """The history's attention: causal over the interleaved tokens (an ``Attend``)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class HistoryProgram(nn.Module):
+    """(ids (F, 1, T), action_bits (1, T), context (1, T, C), timestamps (1, T)) -> the L layers'
+    keys, then their values, each (1, H, 2T, Dh)."""
+
+    def __init__(self, model: FeedSR, num_actions: int):
+        super().__init__()
+        self.model, self.num_actions = model, num_actions
+
+    def forward(self, ids, action_bits, context, timestamps):
+        model = self.model
+        x = model.dense_post_tokens(list(ids.unbind(0)), context)  # (1, T, D)
+        bits = torch.arange(self.num_actions, device=action_bits.device)
+        actions = ((action_bits[..., None] >> bits) & 1).to(x.dtype)  # the multi-hot, as collate decodes it
+        seq = model.interleave(x, model.action_proj(actions))  # (1, 2T, D)
+        positions = torch.arange(x.shape[1], device=x.device).repeat_interleave(2)[None]
+        angles = model.rope(positions, timestamps.repeat_interleave(2, dim=1), timestamps[:, :1])
+        keys, values = history_kv(model, seq, angles, causal)
+        # contiguous: the candidate program is compiled for the strides it was traced with, and
+        # a compiled program's outputs need not have the eager views' strides
+        return tuple(t.contiguous() for t in (*keys, *values))
+
+
+class CandidateProgram(nn.Module):
+    """(ids (F, 1, N), context (1, N, C), positions (1, N), index (1,), request_time (1,),
+    origin (1,), keys..., values...) -> (1, N, K) probabilities. ``index``: the history length L
+    (the candidates' impression index); ``origin``: the history's first timestamp."""
+
+    def __init__(self, model: FeedSR):
+        super().__init__()
+        self.model = model
+        self.num_layers = len(model.transformer.blocks)
+
+    def forward(self, ids, context, positions, index, request_time, origin, *kv):
+        model = self.model
+        x = model.dense_post_tokens(list(ids.unbind(0)), context)  # (1, N, D)
+        if model.abs_positions is not None:
+            x = x + model.abs_positions(index)[:, None]
+        angles = model.rope(index[:, None], request_time[:, None], origin[:, None])  # (1, 1, Dh/2) or None
+        if angles is not None:
+            angles = angles.expand(-1, x.shape[1], -1)
+        h = over_cache(model, x, angles, list(kv[:self.num_layers]), list(kv[self.num_layers:]), 2 * index)
+        logits = model.predict(h.flatten(0, 1), context.flatten(0, 1), positions.flatten())
+        return logits.sigmoid().reshape(x.shape[0], x.shape[1], -1)
+
+
+def check_exportable(trained: Trained) -> None:
+    cfg = trained.model.cfg if isinstance(trained.model, FeedSR) else None
+    if cfg is None:
+        raise ExportError(f"only Feed-SR models are exported, {trained.checkpoint} holds "
+                          f"{type(trained.model).__name__}")
+    if cfg.session_mask or not cfg.use_history:
+        raise ExportError(f"{trained.checkpoint}: model.session_mask={cfg.session_mask}, "
+                          f"model.use_history={cfg.use_history}: only a causal history is exported "
+                          "(score it with the eager scorer)")
+
+
+def example_inputs(trained: Trained, history_len: int, num_candidates: int, device) -> tuple[tuple, tuple]:
+    """Inputs of both programs for a random history and candidates (for tracing and tests)."""
+    spec, model = trained.spec, trained.model
+    generator = torch.Generator().manual_seed(0)
+    features, context = len(spec.id_features), len(spec.read.context)
+
+    def ids(n):
+        return torch.randint(0, 1_000, (features, 1, n), generator=generator).to(device)
+
+    timestamps = torch.sort(torch.randint(1_600_000_000, 1_600_100_000, (1, history_len), generator=generator))[0]
+    history = (ids(history_len), torch.randint(0, 2 ** len(spec.read.action_names), (1, history_len),
+                                                 generator=generator).to(device),
+               torch.rand(1, history_len, context, generator=generator).to(device), timestamps.to(device))
+    with torch.inference_mode():
+        kv = HistoryProgram(model, len(spec.read.action_names))(*history)
+    candidates = (ids(num_candidates), torch.rand(1, num_candidates, context, generator=generator).to(device),
+                  torch.randint(-1, 10, (1, num_candidates), generator=generator).to(device),
+                  torch.tensor([history_len], device=device), timestamps[:, -1].to(device) + 60,
+                  timestamps[:, 0].to(device), *kv)
+    return history, candidates
+
+
+def export(trained: Trained, out: Path, calibration: Calibration | None = None, progress=print) -> dict:
+    """Export, compile and write both programs and ``export.json`` to ``out``; returns the meta."""
+    check_exportable(trained)
+    model, spec = trained.model, trained.spec
+    device = next(model.parameters()).device
+    max_history = trained.config.data.max_seq_len - 1
+    history, candidates = example_inputs(trained, min(8, max_history), 5, device)
+    t = torch.export.Dim("history", min=2, max=max_history)
+    s = 2 * t
+    n = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
+    layers = len(model.transformer.blocks)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        programs = [
+            (HISTORY_PROGRAM, HistoryProgram(model, len(spec.read.action_names)), history,
+             ({2: t}, {1: t}, {1: t}, {1: t})),
+            (CANDIDATE_PROGRAM, CandidateProgram(model), candidates,
+             ({2: n}, {1: n}, {1: n}, None, None, None, tuple([{2: s}] * (2 * layers)))),  # *kv: one tuple
+        ]
+        for name, program, inputs, dynamic in programs:
+            exported = torch.export.export(program, inputs, dynamic_shapes=dynamic)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(out / name))
+            progress(f"export: compiled {name} ({time.perf_counter() - start:.0f} s)")
+    meta = {
+        "checkpoint": str(trained.checkpoint),
+        "device": device.type,
+        "torch": torch.__version__,
+        "id_features": list(spec.id_features),
+        "id_table_sizes": dict(spec.id_table_sizes),
+        "categorical": list(spec.read.categorical),
+        "context": list(spec.read.context),
+        "action_names": list(spec.read.action_names),
+        "tasks": [{"name": task.name, "actions": list(task.actions), "group": task.group} for task in spec.tasks],
+        "session_gap_s": spec.session_gap_s,
+        "layers": layers,
+        "max_history": max_history,
+        "min_history": 2,
+        "calibration": None if calibration is None else calibration.to_dict(),
+    }
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
