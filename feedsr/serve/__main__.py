@@ -65,11 +65,10 @@ def score(args: argparse.Namespace) -> int:
     if args.exported:
         return score_exported(args)  # imports no model code
     import numpy as np
-    import pyarrow.parquet as pq
 
     from feedsr.eval.calibration import Calibration
     from feedsr.eval.trained import load_trained
-    from feedsr.serve.requests import read_requests, scores_table
+    from feedsr.serve.requests import read_requests
     from feedsr.serve.scorer import CandidateScorer
 
     calibration = None
@@ -89,35 +88,19 @@ def score(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise DataError(f"{args.calibration}: {e}") from None
     max_history = trained.config.data.max_seq_len - 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    written, start, writer = 0, time.perf_counter(), None
-    try:
-        for requests in read_requests(args.requests, trained.spec, max_history):
-            for lo in range(0, len(requests.history), args.batch_requests):
-                part = sliced(requests, lo, min(lo + args.batch_requests, len(requests.history)))
-                if part is None:
-                    continue
-                probs = scorer.score(part.history, part.candidates, args.method).double().cpu().numpy()
-                if calibration is not None:
-                    probs = calibration.apply(probs, tasks)
-                table = scores_table(part, probs, tasks)
-                writer = writer or pq.ParquetWriter(args.out, table.schema)
-                writer.write_table(table)
-                written += table.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    print(f"serve: scored {written} candidates with {trained.checkpoint} ({args.method}) in "
-          f"{time.perf_counter() - start:.1f} s -> {args.out}")
-    return written
+
+    def score_part(part):
+        probs = scorer.score(part.history, part.candidates, args.method).double().cpu().numpy()
+        return probs if calibration is None else calibration.apply(probs, tasks)
+
+    return write_scores(args, read_requests(args.requests, trained.spec, max_history), args.batch_requests,
+                        score_part, tasks, f"{trained.checkpoint} ({args.method})")
 
 
 def score_exported(args: argparse.Namespace) -> int:
     """``score --exported``: the compiled programs, one request at a time, no model code."""
-    import pyarrow.parquet as pq
-
     from feedsr.serve.exported import ExportedScorer
-    from feedsr.serve.requests import read_requests, scores_table
+    from feedsr.serve.requests import read_requests
 
     if args.calibration:
         raise DataError("--calibration goes to `export` (the export folder holds it), not to score --exported")
@@ -125,29 +108,38 @@ def score_exported(args: argparse.Namespace) -> int:
         scorer = ExportedScorer(args.exported, args.device)
     except FileNotFoundError as e:
         raise DataError(str(e)) from None
+
+    def score_part(part):  # one request
+        cache = scorer.encode(part.history.values)
+        return scorer.score(cache, part.candidates.values, int(part.candidates.request_times[0]))
+
+    return write_scores(args, read_requests(args.requests, scorer.spec, scorer.meta["max_history"]), 1,
+                        score_part, scorer.tasks, f"the exported {args.exported}")
+
+
+def write_scores(args: argparse.Namespace, requests, group: int, score_part, tasks: list[str], what: str) -> int:
+    """Score ``requests`` (row groups of a request file) ``group`` requests at a time with
+    ``score_part`` (Requests -> (n, K) probabilities); write ``args.out``; return the rows written."""
+    import pyarrow.parquet as pq
+
+    from feedsr.serve.requests import scores_table
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     written, start, writer = 0, time.perf_counter(), None
     try:
-        for requests in read_requests(args.requests, scorer.spec, scorer.meta["max_history"]):
-            history, cands = requests.history, requests.candidates
-            for row in range(len(history)):
-                part = sliced(requests, row, row + 1)
+        for row_group in requests:
+            for lo in range(0, len(row_group.history), group):
+                part = sliced(row_group, lo, min(lo + group, len(row_group.history)))
                 if part is None:
                     continue
-                lo, hi = history.offsets[row], history.offsets[row + 1]
-                cache = scorer.encode({k: v[lo:hi] for k, v in history.values.items()})
-                a, b = cands.offsets[row], cands.offsets[row + 1]
-                probs = scorer.score(cache, {k: v[a:b] for k, v in cands.values.items()},
-                                     int(cands.request_times[row]))
-                table = scores_table(part, probs, scorer.tasks)
+                table = scores_table(part, score_part(part), tasks)
                 writer = writer or pq.ParquetWriter(args.out, table.schema)
                 writer.write_table(table)
                 written += table.num_rows
     finally:
         if writer is not None:
             writer.close()
-    print(f"serve: scored {written} candidates with the exported {args.exported} in "
-          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    print(f"serve: scored {written} candidates with {what} in {time.perf_counter() - start:.1f} s -> {args.out}")
     return written
 
 
