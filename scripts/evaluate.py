@@ -38,8 +38,8 @@ def main(argv=None) -> dict:
     from feedsr.quiet import quiet_libraries
 
     quiet_libraries()
-    from feedsr.eval.calibration import Calibration
-    from feedsr.eval.metrics import format_table, task_metrics
+    from feedsr.eval.calibration import Calibration, calibrated_metrics
+    from feedsr.eval.metrics import format_table
     from feedsr.eval.scoring import predict_checkpoint
     from feedsr.eval.trained import resolve_checkpoint, run_config
     from feedsr.runtime.checkpoint import CheckpointError
@@ -64,13 +64,10 @@ def main(argv=None) -> dict:
     report = {"checkpoint": str(checkpoint), "data": config.data.path, "split": args.split,
               "seconds": seconds, "metrics": {k: m.to_dict() for k, m in metrics.items()}}
     if calibration is not None:
-        preds, labels, truth = predicted.arrays()
-        tasks = predicted.task_names
         try:
-            calibrated = calibration.apply(preds, tasks)
+            after = calibrated_metrics(calibration, predicted)
         except ValueError as e:
             sys.exit(f"evaluate: {args.calibration}: {e}")
-        after = {t: task_metrics(t, calibrated[:, k], labels[:, k], truth[:, k]) for k, t in enumerate(tasks)}
         print(f"after the calibration {args.calibration} (fitted on {calibration.fitted_on}):")
         print(format_table(after))
         report["calibrated"] = {k: m.to_dict() for k, m in after.items()}

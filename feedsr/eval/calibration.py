@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from feedsr.eval.metrics import MetricAccumulator, TaskMetrics, task_metrics
+
 CLIP = 1e-6
 
 
@@ -65,11 +67,15 @@ class Calibration:
         tasks = {name: isotonic(preds[:, k], labels[:, k]) for k, name in enumerate(task_names)}
         return cls(tasks, dict(fitted_on or {}))
 
-    def apply(self, probs: np.ndarray, task_names: list[str]) -> np.ndarray:
-        """(n, K) calibrated probabilities; every task of ``task_names`` needs a map."""
+    def check_tasks(self, task_names: list[str]) -> None:
+        """ValueError naming the tasks of ``task_names`` the calibration has no map for."""
         missing = [t for t in task_names if t not in self.tasks]
         if missing:
             raise ValueError(f"the calibration has no map for task(s) {missing} (it has {sorted(self.tasks)})")
+
+    def apply(self, probs: np.ndarray, task_names: list[str]) -> np.ndarray:
+        """(n, K) calibrated probabilities; every task of ``task_names`` needs a map."""
+        self.check_tasks(task_names)
         out = np.empty(probs.shape, np.float64)
         for k, name in enumerate(task_names):
             x, y = self.tasks[name]
@@ -105,3 +111,11 @@ class Calibration:
             raise ValueError(f"{path}: not a calibration file written by `python -m feedsr.serve calibrate` "
                              f"({type(e).__name__}: {e})") from None
         return cls.from_dict(record, str(path))
+
+
+def calibrated_metrics(calibration: Calibration, predicted: MetricAccumulator) -> dict[str, TaskMetrics]:
+    """The metrics of ``predicted``'s rows after the calibration."""
+    preds, labels, truth = predicted.arrays()
+    tasks = predicted.task_names
+    after = calibration.apply(preds, tasks)
+    return {t: task_metrics(t, after[:, k], labels[:, k], truth[:, k]) for k, t in enumerate(tasks)}

@@ -64,8 +64,6 @@ def score(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.exported:
         return score_exported(args)  # imports no model code
-    import numpy as np
-
     from feedsr.eval.calibration import Calibration
     from feedsr.eval.trained import load_trained
     from feedsr.serve.requests import read_requests
@@ -84,7 +82,7 @@ def score(args: argparse.Namespace) -> int:
     tasks = [t.name for t in trained.spec.tasks]
     if calibration is not None:
         try:
-            calibration.apply(np.full((1, len(tasks)), 0.5), tasks)  # every task has a map
+            calibration.check_tasks(tasks)
         except ValueError as e:
             raise DataError(f"{args.calibration}: {e}") from None
     max_history = trained.config.data.max_seq_len - 1
@@ -163,24 +161,21 @@ def export_command(args: argparse.Namespace) -> dict:
 
 def calibrate(args: argparse.Namespace) -> dict:
     """Fit and write the calibration; returns the metrics before and after on the fitted split."""
-    from feedsr.eval.calibration import Calibration
-    from feedsr.eval.metrics import format_table, task_metrics
+    from feedsr.eval.calibration import Calibration, calibrated_metrics
+    from feedsr.eval.metrics import format_table
     from feedsr.eval.scoring import predict_checkpoint
     from feedsr.eval.trained import resolve_checkpoint, run_config
 
     checkpoint, _ = resolve_checkpoint(args.checkpoint)
     config = run_config(checkpoint, args.data, args.batch_size)
     predicted = predict_checkpoint(config, checkpoint, args.split, args.max_rows)
-    preds, labels, truth = predicted.arrays()
-    tasks = predicted.task_names
+    preds, labels, _ = predicted.arrays()
     fitted_on = {"checkpoint": str(checkpoint), "data": config.data.path, "split": args.split,
                  "impressions": len(preds)}
-    calibration = Calibration.fit(preds, labels, tasks, fitted_on)
+    calibration = Calibration.fit(preds, labels, predicted.task_names, fitted_on)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)
-    after = calibration.apply(preds, tasks)
-    before = predicted.compute()
-    fitted = {t: task_metrics(t, after[:, k], labels[:, k], truth[:, k]) for k, t in enumerate(tasks)}
+    before, fitted = predicted.compute(), calibrated_metrics(calibration, predicted)
     print(f"serve: calibration of {checkpoint} fitted on {config.data.path} [{args.split}] "
           f"({len(preds)} impressions) -> {args.out}")
     print("before:\n" + format_table(before) + "\nafter (on the same rows: in-sample):\n" + format_table(fitted))

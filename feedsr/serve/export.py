@@ -32,19 +32,15 @@ from torch import nn
 from feedsr.eval.calibration import Calibration
 from feedsr.eval.trained import Trained
 from feedsr.model.feedsr import FeedSR
+from feedsr.serve import attention
+from feedsr.serve.exported import CANDIDATE_PROGRAM, EXPORT_META, HISTORY_PROGRAM
 from feedsr.serve.scorer import history_kv, over_cache
 
-HISTORY_PROGRAM, CANDIDATE_PROGRAM, EXPORT_META = "history.pt2", "candidates.pt2", "export.json"
 MAX_CANDIDATES = 65_536  # the candidate dimension's upper bound in the exported program
 
 
 class ExportError(ValueError):
     """A model or request the exported programs cannot serve."""
-
-
-def causal(q, k, v, scale):
-    """The history's attention: causal over the interleaved tokens (an ``Attend``)."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class HistoryProgram(nn.Module):
@@ -63,7 +59,7 @@ class HistoryProgram(nn.Module):
         seq = model.interleave(x, model.action_proj(actions))  # (1, 2T, D)
         positions = torch.arange(x.shape[1], device=x.device).repeat_interleave(2)[None]
         angles = model.rope(positions, timestamps.repeat_interleave(2, dim=1), timestamps[:, :1])
-        keys, values = history_kv(model, seq, angles, causal)
+        keys, values = history_kv(model, seq, angles, attention.sdpa(None))  # causal
         # contiguous: the candidate program is compiled for the strides it was traced with, and
         # a compiled program's outputs need not have the eager views' strides
         return tuple(t.contiguous() for t in (*keys, *values))

@@ -26,6 +26,7 @@ from feedsr.data.schema import CONTEXT_PREFIX, UNKNOWN_POSITION
 from feedsr.data.tasks import Task
 from feedsr.eval.calibration import Calibration
 
+# The files of an export folder (written by feedsr/serve/export.py).
 HISTORY_PROGRAM, CANDIDATE_PROGRAM, EXPORT_META = "history.pt2", "candidates.pt2", "export.json"
 
 

@@ -294,22 +294,7 @@ class CandidateScorer:
         angles = None if angles is None else angles[:, start:]
         # new token i is token start + i: it sees every cached token and the new ones up to itself
         visible = torch.ones(x.shape[1], 2 * length, dtype=torch.bool).tril(diagonal=start)
-        keys, values = [], []
-
-        def attend_with(old_keys, old_values):
-            def attend(q, k, v, scale):
-                keys.append(torch.cat([old_keys, k], dim=2))
-                values.append(torch.cat([old_values, v], dim=2))
-                return torch.nn.functional.scaled_dot_product_attention(
-                    q, keys[-1], values[-1], attn_mask=visible, scale=scale)
-            return attend
-
-        *blocks, last = model.transformer.blocks
-        for block, old_keys, old_values in zip(blocks, cache.keys, cache.values):
-            x = block(x, angles, None, attend_with(old_keys, old_values))
-        _, k, v = last.attn.heads(last.ln_attn(x), angles)  # as in _encode: only its keys and values
-        keys.append(torch.cat([cache.keys[-1], k], dim=2))
-        values.append(torch.cat([cache.values[-1], v], dim=2))
+        keys, values = history_kv(model, x, angles, attention.sdpa(visible), (cache.keys, cache.values))
         return HistoryCache(batch, keys, values, history)
 
     def _score_kv(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
@@ -321,13 +306,22 @@ class CandidateScorer:
         return self._head(h[cand_mask], cand)
 
 
-def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None,
-               history_attention) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each layer's (B, H, 2T, Dh) keys and values of the history tokens ``x`` (B, 2T, D), the
-    history attending under ``history_attention`` (an ``Attend``)."""
+def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, history_attention,
+               past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's (B, H, S, Dh) keys and values of the history tokens ``x`` (B, S, D), the
+    history attending under ``history_attention`` (an ``Attend``). ``past``: every layer's keys
+    and values of the tokens before ``x`` (a cached history that ``x`` extends); ``x``'s are
+    appended to them, and ``history_attention`` sees the whole."""
     keys, values = [], []
 
+    def joined(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if past is None:
+            return k, v
+        return torch.cat([past[0][layer], k], dim=2), torch.cat([past[1][layer], v], dim=2)
+
     def attend(q, k, v, scale):
+        k, v = joined(len(keys), k, v)
         keys.append(k)
         values.append(v)
         return history_attention(q, k, v, scale)
@@ -337,7 +331,7 @@ def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None,
         x = block(x, angles, None, attend)
     # The last block's outputs at history tokens are never read: candidates need only its
     # keys and values, so its attention and FFN over the history are skipped.
-    _, k, v = last.attn.heads(last.ln_attn(x), angles)
+    k, v = joined(len(keys), *last.attn.heads(last.ln_attn(x), angles)[1:])
     return keys + [k], values + [v]
 
 
