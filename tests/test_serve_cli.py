@@ -3,6 +3,7 @@ request files are refused by name."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -73,14 +74,7 @@ def test_cli_scores_are_the_models_own(trained_run, synthetic_dir, tmp_path):
     assert scores["member_id"] == [m for m in rows["member_id"].to_pylist() for _ in range(3)]
     # the first candidate is the row's last impression: its score is the model's forward on the row
     spec = trained.spec
-    read = ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context)
-    full = tmp_path / "rows.parquet"
-    pq.write_table(rows, full)
-    block = read_block(open_file(full, read), 0, read)
-    with torch.no_grad():
-        logits = trained.model(collate(block, spec))
-    last = torch.from_numpy(block.offsets[1:] - 1)
-    expected = logits[last].sigmoid().numpy()
+    expected = forward_last(trained, rows, tmp_path / "rows.parquet")
     for k, task in enumerate(t.name for t in spec.tasks):
         got = np.array(scores[f"p_{task}"]).reshape(ROWS, 3)
         np.testing.assert_allclose(got[:, 0], expected[:, k], rtol=1e-4, atol=1e-6, err_msg=task)
@@ -91,6 +85,77 @@ def test_cli_scores_are_the_models_own(trained_run, synthetic_dir, tmp_path):
     masked = pq.read_table(tmp_path / "masked.parquet")
     for task in (t.name for t in spec.tasks):
         np.testing.assert_allclose(masked[f"p_{task}"].to_numpy(), np.array(scores[f"p_{task}"]), rtol=1e-4, atol=1e-6)
+
+
+def doubled(rows: pa.Table) -> pa.Table:
+    """Each row's impressions twice, the copy an hour after the last: histories longer than the
+    trained windows (63 impressions)."""
+    columns = {}
+    for name in rows.column_names:
+        field = rows.schema.field(name)
+        if not pa.types.is_list(field.type):
+            columns[name] = rows[name]
+            continue
+        lists = rows[name].to_pylist()
+        if name == "timestamps":
+            lists = [v + [t - v[0] + v[-1] + 3600 for t in v] for v in lists]
+        else:
+            lists = [v + v for v in lists]
+        columns[name] = pa.array(lists, field.type)
+    return pa.table(columns).replace_schema_metadata(rows.schema.metadata)
+
+
+def forward_last(trained, rows: pa.Table, path: Path, keep: int | None = None) -> np.ndarray:
+    """The model's own forward on each row (its last ``keep`` impressions): the last impression's
+    probabilities."""
+    spec = trained.spec
+    read = ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context)
+    pq.write_table(rows, path)
+    block = read_block(open_file(path, read), 0, read)
+    if keep is not None:
+        block = block.truncate(keep)
+    with torch.no_grad():
+        logits = trained.model(collate(block, spec))
+    return logits[torch.from_numpy(block.offsets[1:] - 1)].sigmoid().numpy()
+
+
+def test_max_history_serves_histories_longer_than_trained(trained_run, synthetic_dir, tmp_path):
+    from feedsr.serve.scorer import max_history
+
+    trained = load_trained(trained_run)
+    rows = doubled(valid_rows(synthetic_dir))
+    lengths = [len(v) for v in rows["timestamps"].to_pylist()]
+    assert max(lengths) > 64  # longer than the windows the model was trained on
+    path = tmp_path / "requests.parquet"
+    pq.write_table(requests_from(rows, trained.spec), path)
+    tasks = [f"p_{t.name}" for t in trained.spec.tasks]
+
+    def first_candidates(out: Path) -> np.ndarray:
+        table = pq.read_table(out)
+        return np.stack([table[t].to_numpy().reshape(ROWS, 3)[:, 0] for t in tasks], axis=1)
+
+    assert score_cli(trained_run, path, tmp_path / "long.parquet", "--max-history", "1000").returncode == 0
+    assert score_cli(trained_run, path, tmp_path / "cut.parquet").returncode == 0
+    assert score_cli(trained_run, path, tmp_path / "short.parquet", "--max-history", "10").returncode == 0
+    # RoPE: the whole history is served; by default (and with a shorter limit) the newest impressions
+    full = forward_last(trained, rows, tmp_path / "rows.parquet")
+    np.testing.assert_allclose(first_candidates(tmp_path / "long.parquet"), full, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first_candidates(tmp_path / "cut.parquet"),
+                               forward_last(trained, rows, tmp_path / "rows.parquet", 64), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first_candidates(tmp_path / "short.parquet"),
+                               forward_last(trained, rows, tmp_path / "rows.parquet", 11), rtol=1e-4, atol=1e-6)
+    assert np.abs(first_candidates(tmp_path / "cut.parquet") - full).max() > 1e-4  # the limit matters
+    # learned absolute positions stop at max_seq_len: a longer history is refused
+    assert max_history(trained.model, 63, 1000) == 1000
+    positions = torch.nn.Embedding(64, 1)
+    trained.model.abs_positions = positions
+    with pytest.raises(ValueError, match="learned positions for 64 tokens"):
+        max_history(trained.model, 63, 64)
+    assert max_history(trained.model, 63, 63) == 63 and max_history(trained.model, 63) == 63
+    done = subprocess.run([sys.executable, "-m", "feedsr.serve", "score", "--exported", str(tmp_path), "--requests",
+                           str(path), "--out", str(tmp_path / "x.parquet"), "--max-history", "5"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "--max-history goes to `export`" in done.stderr
 
 
 def broken(table: pa.Table, how: str) -> pa.Table:
@@ -170,8 +235,6 @@ def test_isotonic_fit_pools_violators_and_ties():
 
 
 def test_calibrate_then_score_and_evaluate_with_it(trained_run, synthetic_dir, tmp_path):
-    import json
-
     from feedsr.eval.calibration import Calibration
 
     path = tmp_path / "calibration.json"
@@ -216,29 +279,56 @@ def test_calibrate_then_score_and_evaluate_with_it(trained_run, synthetic_dir, t
 # ------------------------------------------------------------------ export
 
 
+def run_bench(trained_run: Path, out: Path, *extra) -> dict:
+    done = subprocess.run([sys.executable, "scripts/bench_serve.py", "--checkpoint", str(trained_run), "--history",
+                           "100", "--candidates", "1", "5", "--threads", "1", "--repeats", "3", "--one-by-one-max",
+                           "3", "--one-by-one-repeats", "1", "--json", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text())
+
+
+def test_bench_serve_measures_every_method_on_a_checkpoint(trained_run, tmp_path):
+    (table,) = run_bench(trained_run, tmp_path / "bench.json")["tables"]
+    rows = {(r["method"], r["candidates"]): r for r in table["rows"]}
+    methods = ["one_by_one", "masked", "kv", "kv_cached", "kv_update"]
+    assert sorted(rows) == sorted((m, n) for m in methods for n in (1, 5))
+    for row in rows.values():
+        assert row["max_abs_diff"] < 1e-5 and row["p99_ms"] >= row["p50_ms"] > 0 and row["gflop"] > 0
+    assert rows["one_by_one", 5]["note"] == "timed on 3 of 5 candidates, x1.66667: extrapolated"
+    # one by one runs the history once per candidate, the KV path once per request
+    assert rows["one_by_one", 5]["gflop"] > 4 * rows["kv", 5]["gflop"]
+    assert rows["kv_cached", 5]["gflop"] < rows["kv", 5]["gflop"] / 2  # the history is not encoded again
+    assert table["matmul_peak_gflop_per_s"] > 0
+
+
+# ------------------------------------------------------------------ export
+
+
 @pytest.mark.slow  # AOTInductor compiles two programs: minutes on 2 cores
 def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
-    import json
-
     out = tmp_path / "exported"
     done = subprocess.run([sys.executable, "-m", "feedsr.serve", "export", "--checkpoint", str(trained_run),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+                           "--out", str(out), "--max-history", "127"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads((out / "export.json").read_text())["layers"] == 1
+    meta = json.loads((out / "export.json").read_text())
+    assert (meta["layers"], meta["max_history"], meta["trained_max_history"]) == (1, 127, 63)
     trained = load_trained(trained_run)
-    rows = valid_rows(synthetic_dir)
+    rows = doubled(valid_rows(synthetic_dir))  # histories longer than trained, up to --max-history
     table = requests_from(rows, trained.spec)
-    # histories of every length down to 1 impression (padded inside the runner), and 1..3 candidates
+    # histories of every length from the whole row down to 1 impression (padded inside the runner),
+    # and 1..3 candidates
     lists = [c for c in table.column_names if pa.types.is_list(table.schema.field(c).type)]
-    cut = {c: [v[:max(1, len(v) - 3 * i)] if not c.startswith("cand_") else v[:1 + i % 3]
+    cut = {c: [v[:max(1, len(v) * (ROWS - 1 - i) // (ROWS - 1))] if not c.startswith("cand_") else v[:1 + i % 3]
                for i, v in enumerate(table[c].to_pylist())] for c in lists}
     for c in lists:
         table = table.set_column(table.schema.get_field_index(c), c, pa.array(cut[c], table.schema.field(c).type))
-    assert min(len(v) for v in cut["timestamps"]) == 1
+    lengths = [len(v) for v in cut["timestamps"]]
+    assert min(lengths) == 1 and max(lengths) > 63
     requests = tmp_path / "requests.parquet"
     pq.write_table(table, requests)
     eager, exported = tmp_path / "eager.parquet", tmp_path / "exported.parquet"
-    assert score_cli(trained_run, requests, eager).returncode == 0
+    assert score_cli(trained_run, requests, eager, "--max-history", "127").returncode == 0
     done = subprocess.run([sys.executable, "-m", "feedsr.serve", "score", "--exported", str(out), "--requests",
                            str(requests), "--out", str(exported)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -251,3 +341,7 @@ def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir
              f"ExportedScorer({str(out)!r}); assert not [m for m in sys.modules if m.startswith('feedsr.model')]")
     done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # the benchmark's exported rows score like the eager model too
+    (bench,) = run_bench(trained_run, tmp_path / "bench.json", "--exported", str(out))["tables"]
+    exported_rows = [r for r in bench["rows"] if r["method"].startswith("exported")]
+    assert len(exported_rows) == 4 and all(r["max_abs_diff"] < 1e-5 for r in exported_rows)

@@ -6,7 +6,7 @@
     python -m feedsr.serve calibrate --checkpoint runs/synthetic_main --out calibration.json \
         [--split valid] [--data DIR] [--max-rows N]
     python -m feedsr.serve export --checkpoint runs/synthetic_main --out exported/ \
-        [--calibration calibration.json] [--device cpu]
+        [--calibration calibration.json] [--device cpu] [--max-history N]
     python -m feedsr.serve score --exported exported/ --requests requests.parquet --out scores.parquet
 
 ``--checkpoint``: a step-N folder or a run directory (its newest checkpoint that verifies), from
@@ -24,6 +24,10 @@ from feedsr.data.schema import DataError
 from feedsr.runtime.checkpoint import CheckpointError
 
 
+MAX_HISTORY_HELP = ("longest history served, newest impressions kept (default: the training windows', "
+                    "max_seq_len - 1; longer only with RoPE: positions the model was not trained on)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m feedsr.serve", description=__doc__.split("\n\n")[0])
     commands = p.add_subparsers(dest="command", required=True)
@@ -39,11 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     score.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     score.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     score.add_argument("--calibration", type=Path, help="apply this calibration (python -m feedsr.serve calibrate)")
+    score.add_argument("--max-history", type=int, help=MAX_HISTORY_HELP + " (with --exported: set at export)")
     export = commands.add_parser("export", help="compile the KV scoring path ahead of time (AOTInductor)")
     export.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
     export.add_argument("--out", required=True, type=Path, help="folder for the programs and export.json")
     export.add_argument("--calibration", type=Path, help="a calibration to apply in the exported scorer")
     export.add_argument("--device", default="cpu", help="cpu, cuda, ... (the programs run there)")
+    export.add_argument("--max-history", type=int, help=MAX_HISTORY_HELP)
     fit = commands.add_parser("calibrate", help="fit a per-task isotonic calibration on a split")
     fit.add_argument("--checkpoint", required=True, type=Path, help="step-N folder or run directory")
     fit.add_argument("--out", required=True, type=Path, help="calibration JSON file to write")
@@ -67,7 +73,7 @@ def score(args: argparse.Namespace) -> int:
     from feedsr.eval.calibration import Calibration
     from feedsr.eval.trained import load_trained
     from feedsr.serve.requests import read_requests
-    from feedsr.serve.scorer import CandidateScorer
+    from feedsr.serve.scorer import CandidateScorer, max_history
 
     calibration = None
     if args.calibration:
@@ -85,13 +91,16 @@ def score(args: argparse.Namespace) -> int:
             calibration.check_tasks(tasks)
         except ValueError as e:
             raise DataError(f"{args.calibration}: {e}") from None
-    max_history = trained.config.data.max_seq_len - 1
+    try:
+        longest = max_history(trained.model, trained.config.data.max_seq_len - 1, args.max_history)
+    except ValueError as e:
+        raise DataError(f"--max-history: {e}") from None
 
     def score_part(part):
         probs = scorer.score(part.history, part.candidates, args.method).double().cpu().numpy()
         return probs if calibration is None else calibration.apply(probs, tasks)
 
-    return write_scores(args, read_requests(args.requests, trained.spec, max_history), args.batch_requests,
+    return write_scores(args, read_requests(args.requests, trained.spec, longest), args.batch_requests,
                         score_part, tasks, f"{trained.checkpoint} ({args.method})")
 
 
@@ -102,6 +111,8 @@ def score_exported(args: argparse.Namespace) -> int:
 
     if args.calibration:
         raise DataError("--calibration goes to `export` (the export folder holds it), not to score --exported")
+    if args.max_history is not None:
+        raise DataError("--max-history goes to `export` (the programs are compiled for it), not to score --exported")
     try:
         scorer = ExportedScorer(args.exported, args.device)
     except FileNotFoundError as e:
@@ -152,7 +163,8 @@ def export_command(args: argparse.Namespace) -> dict:
         raise DataError(str(e)) from None
     trained = load_trained(args.checkpoint, args.device)
     try:
-        meta = export(trained, args.out, calibration, lambda line: print(f"serve: {line}", flush=True))
+        meta = export(trained, args.out, calibration, lambda line: print(f"serve: {line}", flush=True),
+                      args.max_history)
     except ExportError as e:
         raise DataError(str(e)) from None
     print(f"serve: exported {trained.checkpoint} -> {args.out}")

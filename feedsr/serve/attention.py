@@ -28,30 +28,49 @@ def _sdpa(q, k, v, scale, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
-def cached(keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> Attend:
+def cached(keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None = None) -> Attend:
     """Candidates over [their member's cached history ; themselves], no (L+N)^2 mask.
 
     Args:
         keys, values: (B, H, 2T, Dh) one layer's cached history keys (post-RoPE) and values.
-        visible: (B,) history tokens each member's candidates see (a prefix of the 2T).
+        visible: (B,) history tokens each member's candidates see (a prefix of the 2T); None: all.
     """
-    hidden = torch.arange(keys.shape[2], device=keys.device) >= visible[:, None]  # (B, 2T)
-    bias = torch.zeros(hidden.shape, dtype=keys.dtype, device=keys.device).masked_fill(
-        hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, 2T)
-    return functools.partial(_cached, keys=keys, values=values, bias=bias)
+    bias = nothing = None
+    if visible is not None:
+        hidden = torch.arange(keys.shape[2], device=keys.device) >= visible[:, None]  # (B, 2T)
+        bias = torch.zeros(hidden.shape, dtype=keys.dtype, device=keys.device).masked_fill(
+            hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, 2T)
+        nothing = (visible == 0)[:, None, None]  # (B, 1, 1): members whose candidates see no history
+    return functools.partial(_cached, keys=keys, values=values, bias=bias, nothing=nothing)
 
 
-def _cached(q, k, v, scale, keys, values, bias):
-    # One softmax over 2T + 1 logits per candidate: its history scores and its score with itself.
-    # Written out (max, exp, sum) so that the (B, H, N, 2T) scores are updated in place, never
-    # concatenated with the self score or copied: those passes over memory are the cost on CPU.
-    q = q * scale
-    past = (q @ keys.transpose(-1, -2)).add_(bias)  # (B, H, N, 2T)
-    own = (q * k).sum(-1, keepdim=True)  # (B, H, N, 1)
-    top = torch.maximum(past.amax(-1, keepdim=True), own)  # for a stable exp
-    past = past.sub_(top).exp_()
-    own = (own - top).exp()
-    return (past @ values + own * v) / (past.sum(-1, keepdim=True) + own)  # (B, H, N, Dh)
+def _cached(q, k, v, scale, keys, values, bias, nothing):
+    # One softmax over 2T + 1 logits per candidate, in two parts: the history's (a fused attention
+    # kernel that never holds the (N, 2T) scores in memory: passes over those were the cost on
+    # CPU) and the candidate's own, merged by their log-sum-exps.
+    past, lse = _attention_with_lse(q, keys, values, bias, scale)  # (B, H, N, Dh), (B, H, N)
+    if nothing is not None:
+        lse = lse.masked_fill(nothing, float("-inf"))  # the kernel gives 0 when every key is hidden
+    own = (q * k).sum(-1) * scale  # (B, H, N)
+    top = torch.maximum(lse, own)  # for a stable exp
+    w_past, w_own = (lse - top).exp()[..., None], (own - top).exp()[..., None]
+    return (past * w_past + v * w_own) / (w_past + w_own)  # (B, H, N, Dh)
+
+
+def _attention_with_lse(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q k^T scale + bias) v, logsumexp of those logits over the keys): -inf where
+    every key is hidden, with a zero output there."""
+    if q.device.type == "cpu":  # the flash kernel SDPA runs on CPU, which also returns the lse
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        return out, lse
+    # elsewhere written out (the fused GPU kernels that return the lse have device-specific
+    # signatures; this path has not been measured on a GPU)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    lse = logits.logsumexp(-1)
+    weights = (logits - lse.clamp_min(torch.finfo(lse.dtype).min)[..., None]).exp()  # 0 where hidden
+    return weights @ v, lse
 
 
 def shared_context_mask(history: torch.Tensor | None, history_tokens: int, visible: torch.Tensor,

@@ -34,7 +34,7 @@ from feedsr.eval.trained import Trained
 from feedsr.model.feedsr import FeedSR
 from feedsr.serve import attention
 from feedsr.serve.exported import CANDIDATE_PROGRAM, EXPORT_META, HISTORY_PROGRAM
-from feedsr.serve.scorer import history_kv, over_cache
+from feedsr.serve.scorer import history_kv, max_history as longest_history, over_cache
 
 MAX_CANDIDATES = 65_536  # the candidate dimension's upper bound in the exported program
 
@@ -68,7 +68,8 @@ class HistoryProgram(nn.Module):
 class CandidateProgram(nn.Module):
     """(ids (F, 1, N), context (1, N, C), positions (1, N), index (1,), request_time (1,),
     origin (1,), keys..., values...) -> (1, N, K) probabilities. ``index``: the history length L
-    (the candidates' impression index); ``origin``: the history's first timestamp."""
+    (the candidates' impression index); ``origin``: the history's first timestamp; keys and
+    values (1, H, 2L, Dh): the history's, every token visible to the candidates."""
 
     def __init__(self, model: FeedSR):
         super().__init__()
@@ -83,7 +84,8 @@ class CandidateProgram(nn.Module):
         angles = model.rope(index[:, None], request_time[:, None], origin[:, None])  # (1, 1, Dh/2) or None
         if angles is not None:
             angles = angles.expand(-1, x.shape[1], -1)
-        h = over_cache(model, x, angles, list(kv[:self.num_layers]), list(kv[self.num_layers:]), 2 * index)
+        # the keys and values are the member's history, all of it visible (no mask)
+        h = over_cache(model, x, angles, list(kv[:self.num_layers]), list(kv[self.num_layers:]), None)
         logits = model.predict(h.flatten(0, 1), context.flatten(0, 1), positions.flatten())
         return logits.sigmoid().reshape(x.shape[0], x.shape[1], -1)
 
@@ -121,15 +123,26 @@ def example_inputs(trained: Trained, history_len: int, num_candidates: int, devi
     return history, candidates
 
 
-def export(trained: Trained, out: Path, calibration: Calibration | None = None, progress=print) -> dict:
-    """Export, compile and write both programs and ``export.json`` to ``out``; returns the meta."""
+def export(trained: Trained, out: Path, calibration: Calibration | None = None, progress=print,
+           max_history: int | None = None) -> dict:
+    """Export, compile and write both programs and ``export.json`` to ``out``; returns the meta.
+    ``max_history``: the longest history the programs take (default: the trained windows',
+    ``max_seq_len - 1``; longer only with RoPE, see ``scorer.max_history``)."""
     check_exportable(trained)
     model, spec = trained.model, trained.spec
     device = next(model.parameters()).device
-    max_history = trained.config.data.max_seq_len - 1
+    trained_max = trained.config.data.max_seq_len - 1
+    try:
+        max_history = longest_history(model, trained_max, max_history)
+    except ValueError as e:
+        raise ExportError(f"{trained.checkpoint}: {e}") from None
+    if max_history < 2:
+        raise ExportError(f"--max-history {max_history}: the exported history program takes >= 2 impressions")
     history, candidates = example_inputs(trained, min(8, max_history), 5, device)
     t = torch.export.Dim("history", min=2, max=max_history)
-    s = 2 * t
+    # the candidates' cache: 2 tokens per impression, 2 for a one-impression history (the runner
+    # cuts the copy it pads such a history with, see exported.py)
+    s = torch.export.Dim("history_tokens", min=2, max=2 * max_history)
     n = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
     layers = len(model.transformer.blocks)
     out = Path(out)
@@ -144,7 +157,10 @@ def export(trained: Trained, out: Path, calibration: Calibration | None = None, 
         ]
         for name, program, inputs, dynamic in programs:
             exported = torch.export.export(program, inputs, dynamic_shapes=dynamic)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(out / name))
+            # dynamic_threads: the kernels use the thread count of the process that runs them
+            # (torch.set_num_threads), not the one of the process that compiled them
+            with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(out / name))
             progress(f"export: compiled {name} ({time.perf_counter() - start:.0f} s)")
     meta = {
         "checkpoint": str(trained.checkpoint),
@@ -159,6 +175,7 @@ def export(trained: Trained, out: Path, calibration: Calibration | None = None, 
         "session_gap_s": spec.session_gap_s,
         "layers": layers,
         "max_history": max_history,
+        "trained_max_history": trained_max,
         "min_history": 2,
         "calibration": None if calibration is None else calibration.to_dict(),
     }

@@ -85,9 +85,9 @@ class ExportedScorer:
         """One member's history, oldest first: ``timestamps``, ``action_bits``, every id feature and
         ``ctx_<name>`` as (L,) arrays; at most ``max_history`` impressions (the newest are kept).
 
-        A one-impression history is encoded with a copy of it appended: the history attends
-        causally, so the first impression's keys and values do not see the copy, and candidates
-        see only the first two tokens."""
+        A one-impression history is encoded with a copy of it appended (the program takes >= 2):
+        the history attends causally, so the first impression's keys and values do not see the
+        copy, whose are then cut."""
         length = len(history["timestamps"])
         if length < 1:
             raise ValueError("a history needs at least one impression")
@@ -101,7 +101,8 @@ class ExportedScorer:
                                       self._context(columns, len(columns["timestamps"])),
                                       self._tensor(columns["timestamps"][None], torch.int64))
         # contiguous, as the candidate program was traced with (see HistoryProgram)
-        return ExportedCache(tuple(t.contiguous() for t in kv), length, int(columns["timestamps"][0]))
+        return ExportedCache(tuple(t[:, :, :2 * length].contiguous() for t in kv), length,
+                             int(columns["timestamps"][0]))
 
     def score(self, cache: ExportedCache, candidates: dict[str, np.ndarray], request_time: int) -> np.ndarray:
         """(N, K) probabilities of N candidates (every id feature and ``ctx_<name>`` as (N,)

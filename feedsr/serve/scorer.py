@@ -301,9 +301,28 @@ class CandidateScorer:
         cand = collate(candidates.to_block(self.spec), self.spec)
         place = self._placement(cache.history, torch.from_numpy(candidates.request_times))
         x, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
-        h = over_cache(self.model, x, self._candidate_angles(place, x.shape[1]), cache.keys, cache.values,
-                       place.visible)
+        # no mask when every candidate sees its member's whole cache (one member, causal history)
+        visible = None if bool((place.visible == cache.keys[0].shape[2]).all()) else place.visible
+        h = over_cache(self.model, x, self._candidate_angles(place, x.shape[1]), cache.keys, cache.values, visible)
         return self._head(h[cand_mask], cand)
+
+
+def max_history(model: FeedSR, trained_max: int, requested: int | None = None) -> int:
+    """The longest history (impressions) to serve: ``requested``, else ``trained_max`` (the
+    training windows' ``max_seq_len - 1``: the candidate takes the last position).
+
+    Longer than trained is allowed only without learned absolute positions (RoPE positions are
+    computed, learned ones stop at ``max_seq_len``); the model then sees positions it was not
+    trained on, which may cost quality: measure it before serving that way.
+    """
+    if requested is None:
+        return trained_max
+    if requested < 1:
+        raise ValueError(f"the longest history must be >= 1 impression, got {requested}")
+    if model.abs_positions is not None and requested > trained_max:
+        raise ValueError(f"the model has learned positions for {trained_max + 1} tokens of impressions "
+                         f"(max_seq_len); a history of {requested} leaves none for the candidates")
+    return requested
 
 
 def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, history_attention,
@@ -336,9 +355,9 @@ def history_kv(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, hist
 
 
 def over_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, keys: list[torch.Tensor],
-               values: list[torch.Tensor], visible: torch.Tensor) -> torch.Tensor:
+               values: list[torch.Tensor], visible: torch.Tensor | None) -> torch.Tensor:
     """(B, N, D) transformer outputs of candidate tokens ``x`` (B, N, D), each attending to the
-    first ``visible`` (B,) cached history tokens of its member and to itself."""
+    first ``visible`` (B,) cached history tokens of its member (None: all of them) and to itself."""
     transformer = model.transformer
     for block, k, v in zip(transformer.blocks, keys, values):
         x = block(x, angles, None, attention.cached(k, v, visible))
