@@ -251,9 +251,11 @@ def main(argv=None) -> dict:
           f"histories of <= {trained_max} impressions; history {args.history} impressions "
           f"({2 * args.history} tokens), median of {args.repeats} requests (one by one: "
           f"{args.one_by_one_repeats}), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    cached_bytes = scorer.encode_history(request(spec, args.history, 1)[0]).nbytes
+    print(f"a cached history (keys and values of every layer) takes {cached_bytes / 2 ** 20:.2f} MiB per member")
     result = {"checkpoint": str(trained.checkpoint), "history": args.history, "width": width,
               "layers": len(model.transformer.blocks), "exported": str(args.exported) if exported else None,
-              "tables": []}
+              "cached_history_bytes": cached_bytes, "tables": []}
     for threads in args.threads:
         torch.set_num_threads(threads)
         peak = matmul_peak()
