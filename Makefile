@@ -9,7 +9,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 PYSPARK := pyspark==4.0.1
 
-.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared bench-kuairand bench-reader clean
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees bench-kuairand bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,13 @@ kuairand: $(STAMP) ## convert ../shared/data/kuairand into data/kuairand (tempor
 
 kuairand-prepared: $(STAMP) ## the same log through the generic pipeline (conf/prepare/kuairand.yaml) into data/kuairand_prepared
 	$(PY) -m feedsr.prepare prepare=kuairand prepare.out=data/kuairand_prepared
+
+kuairand-full: $(STAMP) ## KuaiRand with the wide feature set (conf/prepare/kuairand_full.yaml) into data/kuairand_full
+	$(PY) -m feedsr.prepare prepare=kuairand_full
+
+baseline-trees: $(STAMP) ## LightGBM per task on data/kuairand_full's per-impression features, 3 seeds (docs/benchmarks.md)
+	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
+	$(PY) scripts/baseline_trees.py data=kuairand_full --seeds 0 1 2 --json docs/baseline_trees_kuairand.json
 
 bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 + ablations, 3 seeds (docs/benchmarks.md)
 	$(PY) scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
