@@ -11,7 +11,7 @@ ids too; the impressions are the target
 impressions of the data config's train and validation splits (rows cut to ``data.max_seq_len``).
 Early stopping on validation, so the figures are validation figures of a model stopped on that
 same split, as the neural models' checkpoints are chosen (``feedsr/eval/trees.py``). Prints the
-metrics table per seed and, with several seeds, the mean and sample std of each task's AUC.
+metrics table per seed, AUC by history length, and, with several seeds, the mean and sample std of each task's AUC.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", help="tasks to fit (default: every task of the data config)")
     p.add_argument("--threads", type=int, default=0, help="LightGBM threads (0: every core)")
     p.add_argument("--max-rounds", type=int, default=2000)
+    p.add_argument("--history-buckets", type=int, nargs="+", default=[0, 10, 50, 100, 160],
+                   help="AUC by history length (impressions before the target in its row, pre-window "
+                        "ones included): bucket edges, the last bucket open")
     p.add_argument("--json", type=Path, help="write the figures here")
     return p.parse_args(argv)
 
@@ -44,7 +47,7 @@ def main(argv=None) -> dict:
     quiet_libraries()
     args = parse_args(argv)
     from feedsr.data.config import batch_spec, ensure_dataset
-    from feedsr.eval.metrics import format_table
+    from feedsr.eval.metrics import format_table, metrics_by_bucket
     from feedsr.eval.trees import TreeConfig, fit_and_score, read_impressions
     from feedsr.runtime.config import compose_config, to_config
 
@@ -70,7 +73,13 @@ def main(argv=None) -> dict:
         config = TreeConfig(threads=args.threads, seed=seed, max_rounds=args.max_rounds)
         result = fit_and_score(train, valid, tasks, config, lambda line: print(line, flush=True))
         print(f"\nseed {seed}, {data.valid_split}:\n{format_table(result.metrics)}\n", flush=True)
+        buckets = metrics_by_bucket(tasks, result.preds, valid.labels, valid.true_probs, valid.history,
+                                    args.history_buckets + [None])
+        print("AUC by history length: " + "; ".join(
+            f"{b} ({next(iter(m.values())).count:,}): " + " / ".join(f"{x.auc:.4f}" for x in m.values())
+            for b, m in buckets.items()) + f" ({' / '.join(tasks)})\n", flush=True)
         runs.append({"seed": seed, "metrics": {t: m.to_dict() for t, m in result.metrics.items()},
+                     "by_history": {b: {t: x.to_dict() for t, x in m.items()} for b, m in buckets.items()},
                      "rounds": result.rounds, "seconds": result.seconds, "importance": result.importance})
     if len(runs) > 1:
         for task in tasks:

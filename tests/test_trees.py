@@ -86,6 +86,28 @@ def test_baseline_script_writes_its_figures(synthetic_dir, tmp_path):
     result = json.loads(out.read_text())
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     assert set(result["runs"][0]["metrics"]) == {"click", "like"}
+    by_history = result["runs"][0]["by_history"]
+    assert sum(b["click"]["count"] for b in by_history.values()) == result["valid_impressions"]
+    assert "AUC by history length: 0-9" in done.stdout
     assert "AUC" in done.stdout and "± " in done.stdout
     bad = subprocess.run(cmd[:5] + ["--tasks", "clicks"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown task(s) ['clicks']" in bad.stderr
+
+
+def test_metrics_by_bucket_are_the_metrics_of_each_bucket():
+    from feedsr.eval.metrics import metrics_by_bucket, task_metrics
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    preds = rng.random((n, 2))
+    labels = rng.random((n, 2)) < preds
+    true = np.full((n, 2), np.nan, np.float32)
+    history = rng.integers(0, 60, n)
+    got = metrics_by_bucket(["a", "b"], preds, labels, true, history, [0, 10, 50, 100, None])
+    assert list(got) == ["0-9", "10-49", "50-99"]  # 100+ is empty: left out
+    inside = (history >= 10) & (history < 50)
+    expected = task_metrics("b", preds[inside, 1], labels[inside, 1], true[inside, 1])
+    assert got["10-49"]["b"] == expected
+    assert sum(m["a"].count for m in got.values()) == n
+    with pytest.raises(ValueError, match="must increase"):
+        metrics_by_bucket(["a"], preds, labels, true, history, [0, 10, 10])

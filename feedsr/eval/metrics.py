@@ -119,6 +119,25 @@ def task_metrics(task: str, preds: np.ndarray, labels: np.ndarray, true_probs: n
     )
 
 
+def metrics_by_bucket(task_names: list[str], preds: np.ndarray, labels: np.ndarray, true_probs: np.ndarray,
+                      values: np.ndarray, edges: list[int]) -> dict[str, dict[str, TaskMetrics]]:
+    """Per bucket of ``values`` (e.g. each impression's history length), every task's metrics.
+
+    Buckets are ``[edges[i], edges[i+1])``, named ``"lo-hi"`` (the last ``"lo+"`` when open:
+    ``edges`` may end with ``None``); empty buckets are left out. preds, labels, true_probs: (n, K).
+    """
+    if any(b is not None and a >= b for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"bucket edges must increase, got {edges}")
+    out = {}
+    for lo, hi in zip(edges, edges[1:]):
+        inside = (values >= lo) & (values < hi if hi is not None else True)
+        if inside.any():
+            name = f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
+            out[name] = {t: task_metrics(t, preds[inside, k], labels[inside, k], true_probs[inside, k])
+                         for k, t in enumerate(task_names)}
+    return out
+
+
 class MetricAccumulator:
     """Collects per-task predictions and labels over batches, then computes ``TaskMetrics``.
 
