@@ -104,9 +104,8 @@ def first(candidates, k: int):
 
 
 def without_last(history):
-    """A one-member history without its newest impression."""
-    return dataclasses.replace(history, lengths=history.lengths - 1,
-                               values={c: v[:-1] for c, v in history.values.items()})
+    """Each member's history without its newest impression."""
+    return history.gather(np.arange(len(history)), history.offsets[:-1], history.lengths - 1)
 
 
 # ------------------------------------------------------------------ methods

@@ -93,6 +93,14 @@ class BatchSpec:
     def id_features(self) -> list[str]:
         return list(self.id_table_sizes)
 
+    def true_probs(self, values: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """(n, K) float32 true probability per task from the ``true_`` columns, NaN where unknown."""
+        true = np.full((n, len(self.tasks)), np.nan, np.float32)
+        for k, col in enumerate(self.true_prob_columns()):
+            if col is not None:
+                true[:, k] = values[col]
+        return true
+
     def true_prob_columns(self) -> list[str | None]:
         """Per task, the true_ column that gives its probability (single-action tasks only)."""
         have = set(self.read.true_probs)
@@ -123,10 +131,6 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         np.stack([v[CONTEXT_PREFIX + c] for c in spec.read.context], axis=1)
         if spec.read.context else np.zeros((n, 0), np.float32)
     )
-    true = np.full((n, len(spec.tasks)), np.nan, np.float32)
-    for k, col in enumerate(spec.true_prob_columns()):
-        if col is not None:
-            true[:, k] = v[col]
     return Batch(
         sparse=sparse,
         lengths=torch.from_numpy(lengths.astype(np.int64)),
@@ -139,7 +143,7 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
         labels=torch.from_numpy(task_labels(bits, task_bitmasks(list(spec.tasks), list(spec.read.action_names)))),
         target_mask=torch.from_numpy(block.target_flags()),
-        true_probs=torch.from_numpy(true),
+        true_probs=torch.from_numpy(spec.true_probs(v, n)),
     )
 
 

@@ -65,10 +65,13 @@ class SequenceBlock:
             values={k: v[a:b] for k, v in self.values.items()},
         )
 
+    def index_in_row(self) -> np.ndarray:
+        """(N,) int: each impression's index in its row (the impressions before it there)."""
+        return np.arange(int(self.lengths.sum())) - np.repeat(self.offsets[:-1], self.lengths)
+
     def target_flags(self) -> np.ndarray:
         """(N,) bool: impression is in its row's num_targets tail."""
-        in_row = np.arange(int(self.lengths.sum())) - np.repeat(self.offsets[:-1], self.lengths)
-        return in_row >= np.repeat(self.lengths - self.rows["num_targets"], self.lengths)
+        return self.index_in_row() >= np.repeat(self.lengths - self.rows["num_targets"], self.lengths)
 
     def time_goes_back(self) -> np.ndarray:
         """(N,) bool: impression is older than the one before it in its row (rows are oldest first)."""

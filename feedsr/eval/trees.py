@@ -112,7 +112,6 @@ def read_impressions(data_dir: str | Path, split: str, spec: BatchSpec, max_seq_
     ``ids``, ``max_categories``: see ``feature_columns``."""
     columns, categorical = feature_columns(spec, ids, max_categories)
     masks = task_bitmasks(list(spec.tasks), list(spec.read.action_names))
-    true_columns = spec.true_prob_columns()
     parts: dict[str, list[np.ndarray]] = {"x": [], "y": [], "p": [], "h": []}
     for path in split_files(data_dir, split):
         info = open_file(path, spec.read)
@@ -122,13 +121,8 @@ def read_impressions(data_dir: str | Path, split: str, spec: BatchSpec, max_seq_
             values = block.values
             parts["x"].append(np.stack([values[c][targets].astype(np.float64) for c in columns], axis=1))
             parts["y"].append(task_labels(values["action_bits"][targets], masks).astype(bool))
-            true = np.full((int(targets.sum()), len(spec.tasks)), np.nan, np.float32)
-            for k, column in enumerate(true_columns):
-                if column is not None:
-                    true[:, k] = values[column][targets]
-            parts["p"].append(true)
-            index_in_row = np.arange(len(targets)) - np.repeat(block.offsets[:-1], block.lengths)
-            parts["h"].append(index_in_row[targets])
+            parts["p"].append(spec.true_probs(values, len(targets))[targets])
+            parts["h"].append(block.index_in_row()[targets])
     if not parts["y"] or sum(len(y) for y in parts["y"]) == 0:
         raise DataError(f"{data_dir}/{split}: no target impressions")
     return Impressions(columns, categorical, np.concatenate(parts["x"]), np.concatenate(parts["y"]),
