@@ -15,6 +15,7 @@ from feedsr.data.block import SequenceBlock, session_shuffle
 from feedsr.data.config import DataConfig
 from feedsr.model import build_model
 from feedsr.model.config import ModelConfig, PositionBiasConfig, check_model_config, model_width
+from feedsr.model.embeddings import ContextNorm
 from feedsr.model.heads import HeadConfig, MMoEHead
 from feedsr.model.rope import apply_rope, rope_angles
 
@@ -270,3 +271,32 @@ def test_check_model_config_accepts_what_builds():
     check_model_config(ModelConfig(num_heads=3), data_config())
     check_model_config(ModelConfig(num_heads=5, d_model=40), data_config())
     check_model_config(ModelConfig(name="dcnv2", num_heads=5), data_config())  # no attention: no heads
+
+
+def test_context_norm_standardises_and_keeps_constant_features():
+    norm = ContextNorm(3)
+    x = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0]])
+    assert torch.equal(norm(x), x)  # identity until fitted (a model trained without it)
+    norm.fit(torch.tensor([2.0, 5.0, 3.0]), torch.tensor([1.0, 0.0, 1e-3]))
+    expected = torch.tensor([[-1.0, 0.0, -1000.0], [1.0, 0.0, 1000.0]])  # a constant keeps scale 1
+    torch.testing.assert_close(norm(x), expected)
+    assert {"shift", "scale"} <= set(norm.state_dict())  # saved with the weights
+    with pytest.raises(ValueError, match=r"shapes \(2,\) and \(3,\) for 3 context features"):
+        norm.fit(torch.zeros(2), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
+@pytest.mark.parametrize("late_fusion", [True, False])
+def test_fitted_context_norm_equals_standardised_input(name, late_fusion):
+    """A fitted model on raw context scores exactly as an unfitted one on the standardised context."""
+    cfg = ModelConfig(name=name, embedding_dim=8, d_model=16, late_fusion=late_fusion)
+    fitted = build_model(cfg, MODEL_SPEC, 32).eval()
+    plain = build_model(cfg, MODEL_SPEC, 32).eval()
+    plain.load_state_dict(fitted.state_dict())
+    mean, std = torch.tensor([0.7]), torch.tensor([0.2])
+    fitted.context_norm.fit(mean, std)
+    batch = make_batch([5, 3], seed=1)
+    standardised = dataclasses.replace(batch, context=(batch.context - mean) / std)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(batch), plain(standardised))
+        assert not torch.allclose(fitted(batch), plain(batch))  # the map changes the scores

@@ -47,6 +47,8 @@ def model_of(seed=0, **overrides):
         for name, p in model.named_parameters():
             if "alpha" in name or "position_bias" in name:
                 p.copy_(torch.randn_like(p))
+        context = len(MODEL_SPEC.read.context)  # a fitted standardisation, for the exported paths too
+        model.context_norm.fit(torch.rand(context), torch.rand(context) + 0.5)
     return model
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
 from feedsr.model.config import ModelConfig
-from feedsr.model.embeddings import PostEmbedding, build_position_bias
+from feedsr.model.embeddings import ContextNorm, PostEmbedding, build_position_bias
 from feedsr.model.heads import CrossNetwork, build_head, mlp
 
 
@@ -34,6 +34,7 @@ class DCNv2Ranker(nn.Module):
                  task_groups: list[int], max_seq_len: int, device=None):
         super().__init__()
         self.cfg = cfg
+        self.context_norm = ContextNorm(context_dim)
         self.posts = PostEmbedding(tables, cfg.embedding_dim, 0, device)
         width = self.posts.out_dim
         self.action_proj = nn.Linear(num_actions, width)
@@ -45,11 +46,12 @@ class DCNv2Ranker(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N, K) task logits for every impression of the batch."""
-        post = self.posts(batch.sparse, batch.context)  # (N, W)
+        context = self.context_norm(batch.context)
+        post = self.posts(batch.sparse, context)  # (N, W)
         history = causal_mean(post + self.action_proj(batch.actions), batch.lengths)
         if not self.cfg.use_history:
             history = torch.zeros_like(history)
-        x = torch.cat([post, history, batch.context], dim=-1)
+        x = torch.cat([post, history, context], dim=-1)
         logits = self.head(torch.cat([self.cross(x), self.deep(x)], dim=-1))
         if self.position_bias is not None:
             logits = logits + self.position_bias(batch.positions)

@@ -18,6 +18,41 @@ def table_name(feature: str) -> str:
     return f"table_{feature}"
 
 
+class ContextNorm(nn.Module):
+    """(..., C) context features -> the same standardised: (x - mean) / std per feature.
+
+    Context features come in their own units: rates of rare actions with a spread of 1e-3 beside
+    counts with a spread of 15 (KuaiRand). Fed raw, the first layer sees the former as constants
+    and the latter dominate the cross network's products. The moments are the training split's
+    (``fit``, before step 1) and are buffers, saved with the weights, so that evaluation, serving
+    and exported programs apply the same map. Identity until fitted, as for a model trained with
+    ``model.context_norm=false``.
+
+    Args:
+        dim: number of context features.
+    """
+
+    # Below this spread a feature is a constant: standardising it would blow up rounding noise.
+    MIN_STD = 1e-6
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the map from (C,) per-feature mean and standard deviation."""
+        if mean.shape != self.shift.shape or std.shape != self.shift.shape:
+            raise ValueError(f"context moments of shapes {tuple(mean.shape)} and {tuple(std.shape)} "
+                             f"for {len(self.shift)} context features")
+        self.shift.copy_(mean)
+        self.scale.copy_(torch.where(std > self.MIN_STD, 1.0 / std.clamp(min=self.MIN_STD), 1.0))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return (context - self.shift) * self.scale
+
+
 class PostEmbedding(nn.Module):
     """(KJT of N impressions, (N, C) context) -> (N, out_dim) post features.
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
 from feedsr.model.config import ModelConfig, check_width, model_width
-from feedsr.model.embeddings import PostEmbedding, build_position_bias
+from feedsr.model.embeddings import ContextNorm, PostEmbedding, build_position_bias
 from feedsr.model.heads import build_head
 from feedsr.model.rope import rope_angles
 from feedsr.model.transformer import Transformer, interleaved_mask
@@ -37,6 +37,7 @@ class FeedSR(nn.Module):
         super().__init__()
         self.cfg = cfg
         token_context = 0 if cfg.late_fusion else context_dim
+        self.context_norm = ContextNorm(context_dim)
         self.posts = PostEmbedding(tables, cfg.embedding_dim, token_context, device)
         width = model_width(cfg, len(tables), context_dim)
         check_width(cfg, width)
@@ -61,13 +62,13 @@ class FeedSR(nn.Module):
     def post_tokens(self, sparse, context: torch.Tensor) -> torch.Tensor:
         """(N, D) post tokens X of N impressions (or candidates): their id embeddings (and context
         without late fusion), projected to the model width; no position yet."""
-        return self.input_proj(self.posts(sparse, context))
+        return self.input_proj(self.posts(sparse, self.context_norm(context)))
 
     def dense_post_tokens(self, ids: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
         """``post_tokens`` from padded id tensors (one per id feature, in table order, any shape
         ``S``) and (*S, C) context: (*S, D). For traced and exported programs, which take no
         KeyedJaggedTensor."""
-        return self.input_proj(self.posts.dense(ids, context))
+        return self.input_proj(self.posts.dense(ids, self.context_norm(context)))
 
     def interleave(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(B, T, D) post and action tokens -> (B, 2T, D) [X_1, A_1, ..., X_T, A_T], with the
@@ -128,7 +129,7 @@ class FeedSR(nn.Module):
         configured), the multi-task head, and the position bias at ``positions`` (in eval mode at
         the configured scoring position)."""
         if self.cfg.late_fusion:
-            h = torch.cat([h, context], dim=-1)
+            h = torch.cat([h, self.context_norm(context)], dim=-1)
         logits = self.head(h)
         if self.position_bias is not None:
             logits = logits + self.position_bias(positions)

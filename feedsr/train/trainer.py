@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from feedsr.data.config import (
     tasks_of,
 )
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
+from feedsr.data.stats import context_moments
 from feedsr.data.tasks import task_bitmasks
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
@@ -58,6 +60,10 @@ from feedsr.train.hdet import HDET, add_noise, scale_dropout, set_attention_temp
 from feedsr.train.loss import MultiTaskLoss, estimate_propensities
 from feedsr.train.optim import build_dense_optimizer, schedule_of, set_group_values
 from feedsr.train.plots import plot_learning_rates
+
+# Rows of the training split read for the context moments: plenty for a mean and a spread, and a
+# bounded read at start on a split of any size.
+CONTEXT_MOMENT_ROWS = 200_000
 
 
 class LogWindow:
@@ -147,6 +153,8 @@ class Trainer:
         self.best: dict | None = None
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
+        if cfg.model.context_norm and cfg.data.context and self.resume_from is None and not cfg.trainer.init_from:
+            model.context_norm.fit(*self._context_moments())  # else the checkpoint's moments load
         hdet = cfg.trainer.hdet
         self.model = shard_model(model, ctx, cfg.optimizer.sparse, cfg.optimizer.sparse_lr,
                                  cfg.optimizer.sparse_eps,
@@ -250,6 +258,19 @@ class Trainer:
         mask = task_bitmasks(self.tasks, list(data.action_names))[loss.ipw_reference_task]
         self._log("estimating feed-position propensities from the training split")
         return estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
+
+    def _context_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0's mean and std of the context features over every impression of the training
+        split's rows as stored (its first ``CONTEXT_MOMENT_ROWS`` rows), broadcast to every rank."""
+        moments = torch.zeros(2, len(self.spec.read.context), dtype=torch.float64)
+        if self.ctx.is_main:
+            data = self.config.data
+            files = open_files(split_files(data.path, data.train_split), self.spec.read)
+            reader = SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
+            self._log("standardising the context features by the training split's moments")
+            moments = torch.tensor(np.stack(context_moments(reader, list(data.context), CONTEXT_MOMENT_ROWS)))
+        moments = broadcast(moments).float()
+        return moments[0], moments[1]
 
     def _check_table_sizes(self) -> None:
         """Sizes left null follow the dataset's vocabularies: a dataset re-made since the run
