@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     quiet_libraries()
     args = parse_args(argv)
     from feedsr.data.config import batch_spec, ensure_dataset
-    from feedsr.eval.metrics import format_table, metrics_by_bucket
+    from feedsr.eval.metrics import format_buckets, format_table, metrics_by_bucket
     from feedsr.eval.trees import TreeConfig, fit_and_score, read_impressions
     from feedsr.runtime.config import compose_config, to_config
 
@@ -75,9 +75,7 @@ def main(argv=None) -> dict:
         print(f"\nseed {seed}, {data.valid_split}:\n{format_table(result.metrics)}\n", flush=True)
         buckets = metrics_by_bucket(tasks, result.preds, valid.labels, valid.true_probs, valid.history,
                                     args.history_buckets + [None])
-        print("AUC by history length: " + "; ".join(
-            f"{b} ({next(iter(m.values())).count:,}): " + " / ".join(f"{x.auc:.4f}" for x in m.values())
-            for b, m in buckets.items()) + f" ({' / '.join(tasks)})\n", flush=True)
+        print(format_buckets(buckets) + "\n", flush=True)
         runs.append({"seed": seed, "metrics": {t: m.to_dict() for t, m in result.metrics.items()},
                      "by_history": {b: {t: x.to_dict() for t, x in m.items()} for b, m in buckets.items()},
                      "rounds": result.rounds, "seconds": result.seconds, "importance": result.importance})

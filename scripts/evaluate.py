@@ -30,6 +30,10 @@ def parse_args(argv=None):
                    "(what trainer.val_max_rows validates on; default: every row)")
     p.add_argument("--calibration", type=Path, help="also report the metrics after this calibration "
                    "(python -m feedsr.serve calibrate)")
+    p.add_argument("--history-buckets", type=int, nargs="+", metavar="EDGE",
+                   help="also report the metrics by history length (impressions before the target in "
+                        "its row, as scripts/baseline_trees.py buckets them): bucket edges, the last "
+                        "bucket open, e.g. 0 10 50 100 160")
     return p.parse_args(argv)
 
 
@@ -39,7 +43,7 @@ def main(argv=None) -> dict:
 
     quiet_libraries()
     from feedsr.eval.calibration import Calibration, calibrated_metrics
-    from feedsr.eval.metrics import format_table
+    from feedsr.eval.metrics import format_buckets, format_table
     from feedsr.eval.scoring import predict_checkpoint
     from feedsr.eval.trained import resolve_checkpoint, run_config
     from feedsr.runtime.checkpoint import CheckpointError
@@ -63,6 +67,13 @@ def main(argv=None) -> dict:
     print(format_table(metrics))
     report = {"checkpoint": str(checkpoint), "data": config.data.path, "split": args.split,
               "seconds": seconds, "metrics": {k: m.to_dict() for k, m in metrics.items()}}
+    if args.history_buckets:
+        try:
+            buckets = predicted.by_history(args.history_buckets + [None])
+        except ValueError as e:
+            sys.exit(f"evaluate: --history-buckets: {e}")
+        print(format_buckets(buckets))
+        report["by_history"] = {b: {t: x.to_dict() for t, x in m.items()} for b, m in buckets.items()}
     if calibration is not None:
         try:
             after = calibrated_metrics(calibration, predicted)

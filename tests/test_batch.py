@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import ACTIONS, SPEC
-from feedsr.data.batch import BatchSpec, Collator, pad_jagged
+from conftest import ACTIONS, MODEL_SPEC, SPEC, make_block
+from feedsr.data.batch import BatchSpec, Collator, collate, pad_jagged
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
 from feedsr.data.tasks import build_tasks, encode_actions
 
@@ -89,3 +89,9 @@ def test_session_ids_come_from_the_unshuffled_order(uneven_split):
     # guard: the gap rule on the shuffled timestamps would have split sessions
     regapped = session_ids(mixed.timestamps.numpy(), mixed.lengths.numpy(), 1000)
     assert (regapped != mixed.session_ids.numpy()).any()
+
+
+def test_batch_index_in_row_is_the_blocks():
+    block = make_block([5, 1, 3], seed=2)
+    got = collate(block, MODEL_SPEC).index_in_row()
+    assert got.tolist() == block.index_in_row().tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2]

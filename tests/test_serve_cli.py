@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -260,10 +261,19 @@ def test_calibrate_then_score_and_evaluate_with_it(trained_run, synthetic_dir, t
     # evaluate.py reports both; on the split it was fitted on the calibration ratio becomes 1
     out = tmp_path / "valid.json"
     done = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(trained_run), "--split",
-                           "valid", "--calibration", str(path), "--out", str(out)], cwd=REPO, capture_output=True,
-                          text=True)
+                           "valid", "--calibration", str(path), "--out", str(out), "--history-buckets", "0", "10",
+                           "30"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
+    # by history length: the targets of each bucket, counted here from the Parquet rows
+    table = pa.concat_tables([pq.read_table(f, columns=["item_ids", "num_targets"])
+                              for f in split_files(synthetic_dir, "valid")])
+    lengths, num_targets = pc.list_value_length(table["item_ids"]).to_numpy(), table["num_targets"].to_numpy()
+    index = np.concatenate([np.arange(n - t, n) for n, t in zip(lengths, num_targets)])
+    expected = {"0-9": (index < 10).sum(), "10-29": ((index >= 10) & (index < 30)).sum(), "30+": (index >= 30).sum()}
+    assert {b: m["click"]["count"] for b, m in report["by_history"].items()} == {
+        b: int(n) for b, n in expected.items() if n}
+    assert "AUC by history length: 0-9" in done.stdout
     for task in tasks:
         before, after = report["metrics"][task], report["calibrated"][task]
         assert after["calibration"] == pytest.approx(1.0, abs=1e-3)

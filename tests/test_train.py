@@ -12,11 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, compose, tiny_overrides
+from feedsr.data.reader import split_files
 from feedsr.eval.scoring import evaluate_checkpoint
+from feedsr.eval.trained import load_trained
 from feedsr.runtime.checkpoint import is_complete, latest_checkpoint
 from feedsr.runtime.config import ConfigError, to_config
 from feedsr.runtime.distributed import distributed
@@ -501,3 +508,50 @@ def test_loader_worker_dies_with_a_killed_trainer(synthetic_dir, tmp_path):
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and (Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]
     assert not alive, f"loader workers {alive} outlived the trainer"
+
+
+def test_context_moments_of_the_training_split_are_fitted_and_saved(synthetic_dir, tmp_path):
+    """The trainer standardises the context by the training split's moments and the checkpoint
+    carries them (evaluation and serving load the same map); with the option off, the identity."""
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "norm") + ["trainer.max_steps=2"]
+    context = list(to_config(compose(overrides)).data.context)
+    norm = load_trained(run(compose(overrides)).run_dir).model.context_norm
+    files = split_files(synthetic_dir, "train")
+    table = pa.concat_tables([pq.read_table(f, columns=[f"ctx_{c}" for c in context]) for f in files])
+    for k, name in enumerate(context):  # straight from the Parquet files: every stored impression
+        values = pc.list_flatten(table[f"ctx_{name}"]).to_numpy().astype(np.float64)
+        assert norm.shift[k].item() == pytest.approx(values.mean(), rel=1e-5), name
+        assert norm.scale[k].item() == pytest.approx(1 / values.std(), rel=1e-5), name
+    off = run(compose(tiny_overrides(synthetic_dir, tmp_path, "no_norm") + [
+        "trainer.max_steps=2", "model.context_norm=false"]))
+    identity = load_trained(off.run_dir).model.context_norm
+    assert not identity.shift.any() and (identity.scale == 1).all()
+
+
+def test_optuna_search_runs_real_trials_and_reports_the_best(synthetic_dir, tmp_path):
+    """hparams_search=...: the Hydra Optuna sweeper runs each trial as a full training run in
+    its own directory and maximises the score python -m feedsr.train returns."""
+    tiny = [o for o in tiny_overrides(synthetic_dir, tmp_path, "unused") if not o.startswith("run_id=")]
+    cmd = [sys.executable, "-m", "feedsr.train", "experiment=kuairand_dcnv2", "data=synthetic",
+           "hparams_search=kuairand_dcnv2", *tiny, "hydra.sweeper.n_trials=2",
+           "trainer.max_steps=choice(4,6)", "data.batch_size=choice(16,32)",  # small, from the CLI
+           "trainer.val_every=2", "trainer.checkpoint_every=0", "trainer.select_tasks=[click,like]"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    search = tmp_path / "search_kuairand_dcnv2"
+    trials = sorted(search.glob("trial_*"))
+    assert [t.name for t in trials] == ["trial_0", "trial_1"]
+    scores, params = [], []
+    for trial in trials:
+        lines = [json.loads(x) for x in (trial / "valid_metrics.jsonl").read_text().splitlines()]
+        steps = [x["step"] for x in lines]
+        assert steps == list(range(2, steps[-1] + 1, 2)) and steps[-1] in (4, 6)
+        scores.append(max((x["metrics"]["click"]["auc"] + x["metrics"]["like"]["auc"]) / 2 for x in lines))
+        overrides = (trial / "hydra" / "overrides.yaml").read_text()
+        params.append(dict(x[2:].split("=", 1) for x in overrides.splitlines()))
+        assert "model.num_layers=1" in overrides and "model.dcn_cross_layers=" in overrides
+    results = OmegaConf.load(search / "optimization_results.yaml")
+    best = scores.index(max(scores))
+    assert results.best_value == pytest.approx(scores[best], abs=1e-12)
+    for key, value in results.best_params.items():  # the best trial's sampled values
+        assert str(value) == params[best][key], key

@@ -44,6 +44,11 @@ class Batch:
     def offsets(self) -> torch.Tensor:  # (B+1,)
         return torch.cat([self.lengths.new_zeros(1), torch.cumsum(self.lengths, 0)])
 
+    def index_in_row(self) -> torch.Tensor:
+        """(N,) int64: each impression's index in its row (``SequenceBlock.index_in_row``)."""
+        starts = torch.repeat_interleave(self.offsets[:-1], self.lengths)
+        return torch.arange(len(starts), device=self.lengths.device) - starts
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(**{
             f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking)

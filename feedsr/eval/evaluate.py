@@ -30,7 +30,8 @@ def predict(
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(batch)
-        accumulator.update(logits.float(), batch.labels, batch.target_mask, batch.true_probs)
+        accumulator.update(logits.float(), batch.labels, batch.target_mask, batch.true_probs,
+                           batch.index_in_row())
     return accumulator.all_gather()
 
 

@@ -138,6 +138,14 @@ def metrics_by_bucket(task_names: list[str], preds: np.ndarray, labels: np.ndarr
     return out
 
 
+def format_buckets(buckets: dict[str, dict[str, TaskMetrics]]) -> str:
+    """One line: each bucket's impressions and its tasks' AUCs (``metrics_by_bucket``'s output)."""
+    tasks = next(iter(buckets.values()), {})
+    return "AUC by history length: " + "; ".join(
+        f"{b} ({next(iter(m.values())).count:,}): " + " / ".join(f"{x.auc:.4f}" for x in m.values())
+        for b, m in buckets.items()) + f" ({' / '.join(tasks)})"
+
+
 class MetricAccumulator:
     """Collects per-task predictions and labels over batches, then computes ``TaskMetrics``.
 
@@ -147,7 +155,8 @@ class MetricAccumulator:
             probabilities.
 
     Rows are stored on the CPU: predictions as float64 (n, K), labels as bool (n, K), true
-    probabilities as float32 (n, K) with NaN where unknown.
+    probabilities as float32 (n, K) with NaN where unknown, and each row's history length (n,)
+    int64 (-1 where not given), for ``by_history``.
     """
 
     def __init__(self, task_names: list[str], from_logits: bool = True):
@@ -158,6 +167,7 @@ class MetricAccumulator:
         self._preds: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._true_probs: list[np.ndarray] = []
+        self._history: list[np.ndarray] = []
 
     def update(
         self,
@@ -165,6 +175,7 @@ class MetricAccumulator:
         labels: torch.Tensor,
         mask: torch.Tensor | None = None,
         true_probs: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -173,8 +184,11 @@ class MetricAccumulator:
             labels: (n, K) 0/1, float or bool.
             mask: (n,) bool, rows to keep (e.g. the target impressions); None keeps all.
             true_probs: (n, K) true probabilities, NaN where unknown; None if none are known.
+            history: (n,) int, each row's history length (e.g. ``Batch.index_in_row``).
         """
         self._check_shapes(logits_or_probs, labels, mask, true_probs)
+        if history is not None and history.shape != logits_or_probs.shape[:1]:
+            raise ValueError(f"history must be ({len(logits_or_probs)},), got {tuple(history.shape)}")
         keep = slice(None) if mask is None else mask.bool()
         preds = logits_or_probs.detach()[keep].double()
         preds = torch.sigmoid(preds) if self.from_logits else preds
@@ -186,6 +200,8 @@ class MetricAccumulator:
             self._true_probs.append(np.full(preds.shape, np.nan, np.float32))
         else:
             self._true_probs.append(_host_copy(true_probs.detach()[keep].float()))
+        self._history.append(np.full(len(preds), -1, np.int64) if history is None
+                             else _host_copy(history.detach()[keep].long()))
 
     def _check_shapes(self, preds, labels, mask, true_probs) -> None:
         num_tasks = len(self.task_names)
@@ -215,6 +231,12 @@ class MetricAccumulator:
             np.concatenate(self._true_probs) if self._true_probs else np.empty((0, k), np.float32),
         )
 
+    def by_history(self, edges: list[int | None]) -> dict[str, dict[str, TaskMetrics]]:
+        """Every task's metrics per bucket of history length (``metrics_by_bucket``); rows added
+        without a history length fall in no bucket."""
+        history = np.concatenate(self._history) if self._history else np.empty(0, np.int64)
+        return metrics_by_bucket(self.task_names, *self.arrays(), history, edges)
+
     def compute(self) -> dict[str, TaskMetrics]:
         """Metrics per task over every row added so far (on this process only)."""
         preds, labels, true_probs = self.arrays()
@@ -232,7 +254,8 @@ class MetricAccumulator:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
         gathered = MetricAccumulator(self.task_names, from_logits=self.from_logits)
-        for name, rows in zip(("_preds", "_labels", "_true_probs"), self.arrays()):
+        history = np.concatenate(self._history) if self._history else np.empty(0, np.int64)
+        for name, rows in zip(("_preds", "_labels", "_true_probs", "_history"), (*self.arrays(), history)):
             setattr(gathered, name, [all_gather_rows(torch.from_numpy(rows), group).numpy()])
         return gathered
 

@@ -16,13 +16,16 @@ quiet_libraries()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the best validation score (mean AUC over ``trainer.select_tasks``), which
+    the Optuna sweeper of ``hparams_search=...`` maximises. None without validation."""
     from feedsr.train.trainer import run
 
     try:
-        run(cfg)
+        result = run(cfg)
     except (ConfigError, DataError, CheckpointError) as e:  # a user's mistake: one line naming it
         sys.exit(f"feedsr: {e}")
+    return result.best["score"] if result.best else None
 
 
 if __name__ == "__main__":
