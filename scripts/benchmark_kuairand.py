@@ -2,11 +2,13 @@
 """The real-data benchmark: Feed-SR against the DCNv2 ranker on KuaiRand, with ablations.
 
     python scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
-        --json docs/benchmark_kuairand.json --markdown docs/benchmark_kuairand.md
+        --json docs/benchmark_kuairand.json --markdown runs/benchmark_kuairand.md
 
-For every configuration and seed: converter (once, if ``--data`` holds no dataset) -> training
-(``python -m feedsr.train experiment=...``) -> the run's best checkpoint by validation (mean
-validation AUC over click, long_view and like, ``trainer.select_tasks`` in the experiment files).
+For every configuration and seed: the pipeline (once, if ``--data`` holds no dataset: ``python -m
+feedsr.prepare prepare=kuairand_full``, the wide point-in-time feature set) -> training (``python
+-m feedsr.train experiment=...``) -> the run's best checkpoint by validation (mean validation AUC
+over click, long_view and like, ``trainer.select_tasks`` in the experiment files) -> its AUC by
+history length (``scripts/evaluate.py --history-buckets``, the trees' buckets).
 Train 2022-04-25..05-02, validate 05-03..05-05: KuaiRand ships no later days, so the reported
 numbers are validation AUCs of the checkpoint chosen on that same validation split, for every
 configuration alike.
@@ -61,8 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=2, help="training runs side by side")
-    p.add_argument("--data", type=Path, default=REPO / "data/kuairand")
-    p.add_argument("--src", type=Path, default=REPO.parent / "shared/data/kuairand")
+    p.add_argument("--data", type=Path, default=REPO / "data/kuairand_full",
+                   help="the dataset (made by python -m feedsr.prepare prepare=kuairand_full if absent)")
+    p.add_argument("--history-buckets", type=int, nargs="+", default=[0, 10, 50, 100, 160],
+                   help="AUC by history length: bucket edges, the last bucket open (as baseline_trees.py)")
     p.add_argument("--runs", type=Path, default=REPO / "runs/kuairand_benchmark")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
@@ -73,10 +77,9 @@ def parse_args(argv=None):
 def ensure_data(args) -> None:
     if (args.data / "dataset.json").exists():
         return
-    print(f"[benchmark] converting {args.src} -> {args.data}", flush=True)
-    subprocess.run([sys.executable, "scripts/prepare_kuairand.py", "--src", str(args.src),
-                    "--out", str(args.data), "--train-end", "20220502", "--valid-end", "20220505",
-                    "--pre-history"], cwd=REPO, check=True)
+    print(f"[benchmark] preparing {args.data} (python -m feedsr.prepare prepare=kuairand_full)", flush=True)
+    subprocess.run([sys.executable, "-m", "feedsr.prepare", "prepare=kuairand_full", f"prepare.out={args.data}"],
+                   cwd=REPO, check=True)
 
 
 def run_one(args, name: str, seed: int, threads: int) -> dict:
@@ -103,9 +106,22 @@ def run_one(args, name: str, seed: int, threads: int) -> dict:
               "select_score": best["score"], "select_tasks": best["tasks"],
               "valid": {t: {k: m[k] for k in ("auc", "ne", "count", "base_rate")}
                         for t, m in best["metrics"].items()},
+              "by_history": by_history(args, run_dir / "checkpoints" / f"step-{best['step']}", threads),
               "command": " ".join(cmd[1:])}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def by_history(args, checkpoint: Path, threads: int) -> dict[str, dict[str, float]]:
+    """Validation AUC per history-length bucket and task of a checkpoint (scripts/evaluate.py)."""
+    out = checkpoint.parent.parent / "by_history.json"
+    cmd = [sys.executable, "scripts/evaluate.py", "--checkpoint", str(checkpoint), "--split", "valid",
+           "--out", str(out), "--history-buckets", *map(str, args.history_buckets)]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
+    report = json.loads(out.read_text())["by_history"]
+    return {b: {t: m[t]["auc"] for t in REPORT_TASKS} | {"count": m[REPORT_TASKS[0]]["count"]}
+            for b, m in report.items()}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -118,7 +134,9 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
         runs = [r for r in results if r["config"] == name]
         row = {"config": name, "what": CONFIGS[name][2], "seeds": [r["seed"] for r in runs],
                "best_steps": [r["best_step"] for r in runs],
-               "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60}
+               "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60,
+               "by_history": {b: {k: statistics.fmean(r["by_history"][b][k] for r in runs) for k in m}
+                              for b, m in runs[0]["by_history"].items()}}
         for task in runs[0]["valid"]:
             for key in ("auc", "ne"):
                 row[f"{task}_{key}"], row[f"{task}_{key}_std"] = mean_std([r["valid"][task][key] for r in runs])
@@ -161,6 +179,14 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> st
               "|" + "---|" * (len(rare) + 1)]
     for r in rows:
         lines.append(f"| {r['config']} | " + " | ".join(fmt(r, f"{t}_auc") for t in rare) + " |")
+    buckets = list(rows[0]["by_history"])
+    lines += ["", "AUC by history length (impressions before the target in its row; mean over seeds; "
+              + " / ".join(REPORT_TASKS) + "):", "",
+              "| config | " + " | ".join(f"{b} ({rows[0]['by_history'][b]['count']:,.0f})" for b in buckets) + " |",
+              "|" + "---|" * (len(buckets) + 1)]
+    for r in rows:
+        lines.append(f"| {r['config']} | " + " | ".join(
+            " / ".join(f"{r['by_history'][b][t]:.4f}" for t in REPORT_TASKS) for b in buckets) + " |")
     if diffs:
         lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
                   "of the difference | difference / SE |", "|---|---|---|---|---|---|"]

@@ -555,3 +555,31 @@ def test_optuna_search_runs_real_trials_and_reports_the_best(synthetic_dir, tmp_
     assert results.best_value == pytest.approx(scores[best], abs=1e-12)
     for key, value in results.best_params.items():  # the best trial's sampled values
         assert str(value) == params[best][key], key
+
+
+def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets(synthetic_dir, tmp_path):
+    """scripts/benchmark_kuairand.py (make bench-kuairand) end to end, on the tiny synthetic data:
+    real runs of both experiments, then each best checkpoint's AUC by history length."""
+    tiny = [o for o in tiny_overrides(synthetic_dir, tmp_path, "unused")
+            if not o.startswith(("run_id=", "output_root=", "data.path=", "trainer.progress", "trainer.num_threads"))]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "scripts/benchmark_kuairand.py", "--configs", "feedsr", "dcnv2", "--seeds", "0", "1",
+           "--parallel", "1", "--data", str(synthetic_dir), "--runs", str(tmp_path / "runs"), "--json", str(out),
+           "data=synthetic", *tiny, "trainer.max_steps=4", "trainer.val_every=2", "trainer.checkpoint_every=2",
+           "--history-buckets", "0", "20"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert sorted((r["config"], r["seed"]) for r in report["runs"]) == [
+        ("dcnv2", 0), ("dcnv2", 1), ("feedsr", 0), ("feedsr", 1)]
+    for r in report["runs"]:
+        best = json.loads((tmp_path / "runs" / f"{r['config']}_seed{r['seed']}" / "best.json").read_text())
+        assert r["valid"]["click"]["auc"] == best["metrics"]["click"]["auc"]
+        buckets = r["by_history"]
+        assert list(buckets) == ["0-19", "20+"]
+        assert sum(b["count"] for b in buckets.values()) == best["metrics"]["click"]["count"]
+    feedsr = next(row for row in report["summary"] if row["config"] == "feedsr")
+    runs = [r for r in report["runs"] if r["config"] == "feedsr"]
+    assert feedsr["click_auc"] == pytest.approx(np.mean([r["valid"]["click"]["auc"] for r in runs]))
+    assert [d["task"] for d in report["differences"]] == ["click", "long_view", "like"]
+    assert "AUC by history length" in done.stdout
