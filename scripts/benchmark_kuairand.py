@@ -23,6 +23,7 @@ Configurations (each ablation changes one thing of ``feedsr``):
     no_loss_weighting   no temporal and no position decay of the loss weights
     no_session_shuffle  no in-session shuffle of the training sequences
     no_history          every impression sees only itself
+    no_context_norm     the context features raw, not standardised by the training moments
 
 Runs go to ``--runs/<config>_seed<S>``; a run whose ``result.json`` exists is not run again, so an
 interrupted benchmark continues where it stopped. ``--parallel`` runs train side by side, each
@@ -54,6 +55,8 @@ CONFIGS = {  # name -> (experiment, overrides, what it tests)
                           "no temporal / position decay of loss weights"),
     "no_session_shuffle": ("kuairand_feedsr", ["data.session_shuffle=false"], "no in-session shuffle"),
     "no_history": ("kuairand_feedsr", ["model.use_history=false"], "only the target impression"),
+    "no_context_norm": ("kuairand_feedsr", ["model.context_norm=false"],
+                        "context features raw, not standardised"),
 }
 REPORT_TASKS = ("click", "long_view", "like")  # the headline tasks; the rest are reported too
 

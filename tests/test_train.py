@@ -556,6 +556,14 @@ def test_optuna_search_runs_real_trials_and_reports_the_best(synthetic_dir, tmp_
     assert results.best_value == pytest.approx(scores[best], abs=1e-12)
     for key, value in results.best_params.items():  # the best trial's sampled values
         assert str(value) == params[best][key], key
+    # scripts/search_report.py: every trial's drawn values and best score in one table
+    report = subprocess.run([sys.executable, "scripts/search_report.py", str(search), "--json",
+                             str(tmp_path / "trials.json")], cwd=REPO, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    assert [t["score"] for t in trials] == pytest.approx(scores, abs=1e-12)
+    assert [t["params"]["model.dcn_cross_layers"] for t in trials] == [p["model.dcn_cross_layers"] for p in params]
+    assert f"best: trial_{best} " in report.stdout and "model.dcn_cross_layers" in report.stdout.splitlines()[0]
 
 
 def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets(synthetic_dir, tmp_path):
