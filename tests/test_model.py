@@ -273,13 +273,14 @@ def test_check_model_config_accepts_what_builds():
     check_model_config(ModelConfig(name="dcnv2", num_heads=5), data_config())  # no attention: no heads
 
 
-def test_context_norm_standardises_and_keeps_constant_features():
-    norm = ContextNorm(3)
+def test_context_norm_is_asinh_of_standard_scores_and_keeps_constant_features():
     x = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0]])
-    assert torch.equal(norm(x), x)  # identity until fitted (a model trained without it)
+    assert torch.equal(ContextNorm(3, enabled=False)(x), x)  # model.context_norm=false: raw
+    norm = ContextNorm(3)
     norm.fit(torch.tensor([2.0, 5.0, 3.0]), torch.tensor([1.0, 0.0, 1e-3]))
-    expected = torch.tensor([[-1.0, 0.0, -1000.0], [1.0, 0.0, 1000.0]])  # a constant keeps scale 1
-    torch.testing.assert_close(norm(x), expected)
+    z = torch.tensor([[-1.0, 0.0, -1000.0], [1.0, 0.0, 1000.0]])  # a constant keeps scale 1
+    torch.testing.assert_close(norm(x), torch.asinh(z))
+    assert norm(x)[1, 2] < 8  # a tail of 1,000 standard deviations comes in at log(2000)
     assert {"shift", "scale"} <= set(norm.state_dict())  # saved with the weights
     with pytest.raises(ValueError, match=r"shapes \(2,\) and \(3,\) for 3 context features"):
         norm.fit(torch.zeros(2), torch.ones(3))
@@ -288,15 +289,16 @@ def test_context_norm_standardises_and_keeps_constant_features():
 @pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
 @pytest.mark.parametrize("late_fusion", [True, False])
 def test_fitted_context_norm_equals_standardised_input(name, late_fusion):
-    """A fitted model on raw context scores exactly as an unfitted one on the standardised context."""
+    """A model with context_norm on raw context scores exactly as one without it on the mapped
+    context."""
     cfg = ModelConfig(name=name, embedding_dim=8, d_model=16, late_fusion=late_fusion)
     fitted = build_model(cfg, MODEL_SPEC, 32).eval()
-    plain = build_model(cfg, MODEL_SPEC, 32).eval()
+    plain = build_model(dataclasses.replace(cfg, context_norm=False), MODEL_SPEC, 32).eval()
     plain.load_state_dict(fitted.state_dict())
     mean, std = torch.tensor([0.7]), torch.tensor([0.2])
     fitted.context_norm.fit(mean, std)
     batch = make_batch([5, 3], seed=1)
-    standardised = dataclasses.replace(batch, context=(batch.context - mean) / std)
+    standardised = dataclasses.replace(batch, context=torch.asinh((batch.context - mean) / std))
     with torch.no_grad():
         torch.testing.assert_close(fitted(batch), plain(standardised))
         assert not torch.allclose(fitted(batch), plain(batch))  # the map changes the scores

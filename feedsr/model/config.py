@@ -49,7 +49,7 @@ class ModelConfig:
     rope_time: bool = False  # half of the rotary pairs turn with time instead of position
     rope_time_unit_s: float = 3600.0
     late_fusion: bool = True  # False: context features go into the post tokens instead
-    context_norm: bool = True  # standardise context features by the training split's moments
+    context_norm: bool = True  # context features: asinh of their standard scores (training moments)
     session_mask: bool = False  # hide same-session tokens (alternative to in-session shuffle)
     use_history: bool = True  # False: each impression sees only itself (ablation)
     head: HeadConfig = field(default_factory=HeadConfig)

@@ -34,7 +34,7 @@ class DCNv2Ranker(nn.Module):
                  task_groups: list[int], max_seq_len: int, device=None):
         super().__init__()
         self.cfg = cfg
-        self.context_norm = ContextNorm(context_dim)
+        self.context_norm = ContextNorm(context_dim, cfg.context_norm)
         self.posts = PostEmbedding(tables, cfg.embedding_dim, 0, device)
         width = self.posts.out_dim
         self.action_proj = nn.Linear(num_actions, width)

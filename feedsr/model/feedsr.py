@@ -37,7 +37,7 @@ class FeedSR(nn.Module):
         super().__init__()
         self.cfg = cfg
         token_context = 0 if cfg.late_fusion else context_dim
-        self.context_norm = ContextNorm(context_dim)
+        self.context_norm = ContextNorm(context_dim, cfg.context_norm)
         self.posts = PostEmbedding(tables, cfg.embedding_dim, token_context, device)
         width = model_width(cfg, len(tables), context_dim)
         check_width(cfg, width)
