@@ -9,7 +9,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 PYSPARK := pyspark==4.0.1
 
-.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees bench-kuairand bench-reader clean
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -63,8 +63,16 @@ baseline-trees: $(STAMP) ## LightGBM per task on data/kuairand_full's per-impres
 	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
 	$(PY) scripts/baseline_trees.py data=kuairand_full --seeds 0 1 2 --json docs/baseline_trees_kuairand.json
 
-bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 + ablations, 3 seeds (docs/benchmarks.md)
-	$(PY) scripts/benchmark_kuairand.py --seeds 0 1 2 --parallel 2 \
+search-kuairand: $(STAMP) ## Optuna searches of Feed-SR and DCNv2 on data/kuairand_full, 3 trials each (docs/benchmarks.md)
+	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
+	$(PY) -m feedsr.train experiment=kuairand_dcnv2 data=kuairand_full hparams_search=kuairand_dcnv2 trainer.progress=false
+	$(PY) -m feedsr.train experiment=kuairand_feedsr data=kuairand_full hparams_search=kuairand_feedsr trainer.progress=false
+	$(PY) scripts/search_report.py runs/search_kuairand_dcnv2 --json docs/search_kuairand_dcnv2.json
+	$(PY) scripts/search_report.py runs/search_kuairand_feedsr --json docs/search_kuairand_feedsr.json
+
+bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best configs of the search), 3 seeds (docs/benchmarks.md)
+	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
+	$(PY) scripts/benchmark_kuairand.py --configs feedsr dcnv2 --seeds 0 1 2 --parallel 1 --data data/kuairand_full \
 		--json docs/benchmark_kuairand.json --markdown runs/benchmark_kuairand.md
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core

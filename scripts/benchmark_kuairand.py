@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help="the dataset (made by python -m feedsr.prepare prepare=kuairand_full if absent)")
     p.add_argument("--history-buckets", type=int, nargs="+", default=[0, 10, 50, 100, 160],
                    help="AUC by history length: bucket edges, the last bucket open (as baseline_trees.py)")
+    p.add_argument("--history-seeds", type=int, nargs="+",
+                   help="the seeds whose runs get the breakdown by history length (default: every seed; "
+                        "it scores the validation split once more per run)")
     p.add_argument("--runs", type=Path, default=REPO / "runs/kuairand_benchmark")
     p.add_argument("--json", type=Path, help="write all results as JSON here")
     p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
@@ -109,7 +112,8 @@ def run_one(args, name: str, seed: int, threads: int) -> dict:
               "select_score": best["score"], "select_tasks": best["tasks"],
               "valid": {t: {k: m[k] for k in ("auc", "ne", "count", "base_rate")}
                         for t, m in best["metrics"].items()},
-              "by_history": by_history(args, run_dir / "checkpoints" / f"step-{best['step']}", threads),
+              "by_history": by_history(args, run_dir / "checkpoints" / f"step-{best['step']}", threads)
+              if args.history_seeds is None or seed in args.history_seeds else None,
               "command": " ".join(cmd[1:])}
     done.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -127,6 +131,11 @@ def by_history(args, checkpoint: Path, threads: int) -> dict[str, dict[str, floa
             for b, m in report.items()}
 
 
+def mean_by_history(parts: list[dict]) -> dict:
+    """Per bucket and key, the mean over the runs that have the breakdown ({} when none has)."""
+    return {b: {k: statistics.fmean(p[b][k] for p in parts) for k in m} for b, m in parts[0].items()} if parts else {}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
@@ -138,8 +147,7 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
         row = {"config": name, "what": CONFIGS[name][2], "seeds": [r["seed"] for r in runs],
                "best_steps": [r["best_step"] for r in runs],
                "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60,
-               "by_history": {b: {k: statistics.fmean(r["by_history"][b][k] for r in runs) for k in m}
-                              for b, m in runs[0]["by_history"].items()}}
+               "by_history": mean_by_history([r["by_history"] for r in runs if r["by_history"]])}
         for task in runs[0]["valid"]:
             for key in ("auc", "ne"):
                 row[f"{task}_{key}"], row[f"{task}_{key}_std"] = mean_std([r["valid"][task][key] for r in runs])
@@ -169,6 +177,21 @@ def positives(results: list[dict]) -> dict[str, dict]:
     return {t: {"targets": m["count"], "positives": round(m["count"] * m["base_rate"])} for t, m in valid.items()}
 
 
+def history_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each configuration's AUC per history-length bucket (none without buckets)."""
+    buckets = list(rows[0]["by_history"])
+    if not buckets:
+        return []
+    lines = ["", "AUC by history length (impressions before the target in its row; mean over the seeds "
+             "with the breakdown; " + " / ".join(REPORT_TASKS) + "):", "",
+             "| config | " + " | ".join(f"{b} ({rows[0]['by_history'][b]['count']:,.0f})" for b in buckets) + " |",
+             "|" + "---|" * (len(buckets) + 1)]
+    for r in rows:
+        lines.append(f"| {r['config']} | " + " | ".join(
+            " / ".join(f"{r['by_history'][b][t]:.4f}" for t in REPORT_TASKS) for b in buckets) + " |")
+    return lines
+
+
 def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> str:
     fmt = lambda r, k: f"{r[k]:.4f} ± {r[k + '_std']:.4f}"  # noqa: E731
     rare = [t for t in counts if t not in REPORT_TASKS]
@@ -182,14 +205,7 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> st
               "|" + "---|" * (len(rare) + 1)]
     for r in rows:
         lines.append(f"| {r['config']} | " + " | ".join(fmt(r, f"{t}_auc") for t in rare) + " |")
-    buckets = list(rows[0]["by_history"])
-    lines += ["", "AUC by history length (impressions before the target in its row; mean over seeds; "
-              + " / ".join(REPORT_TASKS) + "):", "",
-              "| config | " + " | ".join(f"{b} ({rows[0]['by_history'][b]['count']:,.0f})" for b in buckets) + " |",
-              "|" + "---|" * (len(buckets) + 1)]
-    for r in rows:
-        lines.append(f"| {r['config']} | " + " | ".join(
-            " / ".join(f"{r['by_history'][b][t]:.4f}" for t in REPORT_TASKS) for b in buckets) + " |")
+    lines += history_table(rows)
     if diffs:
         lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
                   "of the difference | difference / SE |", "|---|---|---|---|---|---|"]

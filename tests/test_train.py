@@ -575,7 +575,7 @@ def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets
     cmd = [sys.executable, "scripts/benchmark_kuairand.py", "--configs", "feedsr", "dcnv2", "--seeds", "0", "1",
            "--parallel", "1", "--data", str(synthetic_dir), "--runs", str(tmp_path / "runs"), "--json", str(out),
            "data=synthetic", *tiny, "trainer.max_steps=4", "trainer.val_every=2", "trainer.checkpoint_every=2",
-           "--history-buckets", "0", "20"]
+           "--history-buckets", "0", "20", "--history-seeds", "1"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -584,6 +584,9 @@ def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets
     for r in report["runs"]:
         best = json.loads((tmp_path / "runs" / f"{r['config']}_seed{r['seed']}" / "best.json").read_text())
         assert r["valid"]["click"]["auc"] == best["metrics"]["click"]["auc"]
+        if r["seed"] == 0:  # --history-seeds 1: the breakdown for seed 1's runs only
+            assert r["by_history"] is None
+            continue
         buckets = r["by_history"]
         assert list(buckets) == ["0-19", "20+"]
         assert sum(b["count"] for b in buckets.values()) == best["metrics"]["click"]["count"]
@@ -591,4 +594,5 @@ def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets
     runs = [r for r in report["runs"] if r["config"] == "feedsr"]
     assert feedsr["click_auc"] == pytest.approx(np.mean([r["valid"]["click"]["auc"] for r in runs]))
     assert [d["task"] for d in report["differences"]] == ["click", "long_view", "like"]
+    assert feedsr["by_history"]["0-19"]["click"] == next(r for r in runs if r["seed"] == 1)["by_history"]["0-19"]["click"]
     assert "AUC by history length" in done.stdout
