@@ -4,6 +4,7 @@ save leaves the older checkpoints as they were. Real runs, real files, a real fu
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,35 @@ def test_torch_saves_short_write_on_a_full_disk_is_named_as_such(small_disk):
     (small_disk / "filler").write_bytes(b"\0" * (1400 * 1024 - 300 * 1024))  # leave ~300 kB
     error = _attempt(folder, lambda: torch.save(torch.zeros(200_000), folder / "rank-0.pt"))  # 800 kB
     assert error == f"{folder}: no space left on the device"
+
+
+def test_checkpoint_from_before_context_norm_loads_as_a_raw_context_model(synthetic_dir, tmp_path):
+    """A run saved before model.context_norm existed (no buffers, no config key) is scored as it
+    was trained: on raw context. Loading it into a model that standardises is refused."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    from feedsr.eval.trained import load_trained
+    from feedsr.model import build_model
+    from feedsr.runtime.checkpoint import load_sharded, write_marker
+
+    result = run(compose(tiny_overrides(synthetic_dir, tmp_path, "old") + [
+        "trainer.max_steps=2", "model.context_norm=false"]))
+    new = load_trained(result.run_dir)
+    # the same weights as an old run would hold them: no context_norm buffers, no config key
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    del config["model"]["context_norm"]
+    (result.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    old = result.run_dir / "checkpoints" / "step-9"
+    weights = {k: v for k, v in new.model.state_dict().items() if "context_norm" not in k}
+    dcp.save({"model": weights}, checkpoint_id=old / "sharded")
+    write_marker(old, 9, 1)
+    loaded = load_trained(old)
+    assert not loaded.model.context_norm.enabled
+    for key, value in new.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
+    standardising = build_model(dataclasses.replace(loaded.config.model, context_norm=True), loaded.spec,
+                                loaded.config.data.max_seq_len)
+    with pytest.raises(CheckpointError, match="saved before feedsr standardised the context features"):
+        load_sharded(old, standardising, None)

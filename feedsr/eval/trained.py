@@ -83,7 +83,10 @@ def run_config(checkpoint: Path, data_path: str | Path | None = None, eval_batch
     path = run_dir_of(checkpoint) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} missing: cannot rebuild the model of {checkpoint}")
-    config = to_config(OmegaConf.load(path))
+    saved = OmegaConf.load(path)
+    config = to_config(saved)
+    if "context_norm" not in saved.get("model", {}):  # trained before the option: raw context
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, context_norm=False))
     data = dataclasses.replace(config.data, generate=None, path=str(data_path or config.data.path),
                                eval_batch_size=eval_batch_size or config.data.eval_batch_size)
     return dataclasses.replace(config, data=data)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from feedsr.runtime.collectives import all_reduce, barrier
 from feedsr.runtime.distributed import DistContext
+from feedsr.runtime.sharding import unwrap
 
 COMPLETE = "COMPLETE"
 
@@ -304,10 +305,32 @@ def load_sharded(path: Path, model, sparse_optimizer) -> None:
     path = Path(path)
     check_complete(path)
     state = sharded_state(model, sparse_optimizer)
+    skipped = _skip_unused_context_norm(path, model, state["model"])
     dcp.load(state, checkpoint_id=path / "sharded")
-    model.load_state_dict(state["model"])
+    loaded = model.load_state_dict(state["model"], strict=not skipped)
+    if skipped and (set(loaded.missing_keys) != set(skipped) or loaded.unexpected_keys):
+        raise CheckpointError(f"{path}: its weights do not fit the model (missing {loaded.missing_keys}, "
+                              f"unexpected {loaded.unexpected_keys})")
     if sparse_optimizer is not None:
         sparse_optimizer.load_state_dict(state["sparse_optimizer"])
+
+
+def _skip_unused_context_norm(path: Path, model, model_state: dict) -> list[str]:
+    """Checkpoints from before ``model.context_norm`` lack its buffers. A model with the option off
+    (as ``run_config`` builds for such a run) does not use them: they are not loaded. With the
+    option on, the weights were trained on other inputs: refused with the reason."""
+    saved = dcp.FileSystemReader(str(path / "sharded")).read_metadata().state_dict_metadata
+    missing = [k for k in model_state if "context_norm." in k and f"model.{k}" not in saved]
+    if not missing:
+        return []
+    norm = getattr(unwrap(model), "context_norm", None)
+    if norm is not None and norm.enabled:
+        raise CheckpointError(f"{path} was saved before feedsr standardised the context features and "
+                              "its model was trained on them raw: load it with model.context_norm=false "
+                              "(scoring does so from the run's config.yaml), or train a new run")
+    for key in missing:
+        del model_state[key]
+    return missing
 
 
 def saved_world_size(path: Path) -> int | None:
