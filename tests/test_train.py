@@ -339,7 +339,7 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_bad_width_is_found_before_data_is_generated(tmp_path):
     data = tmp_path / "synthetic"
-    with pytest.raises(ConfigError, match=r"model width 48 is not divisible by model.num_heads=5"):
+    with pytest.raises(ConfigError, match=r"model width 56 is not divisible by model.num_heads=5"):
         run(compose([f"data.path={data}", "model.num_heads=5", f"output_root={tmp_path}"]))
     assert not data.exists()
 
@@ -512,17 +512,21 @@ def test_loader_worker_dies_with_a_killed_trainer(synthetic_dir, tmp_path):
 
 
 def test_context_moments_of_the_training_split_are_fitted_and_saved(synthetic_dir, tmp_path):
-    """The trainer standardises the context by the training split's moments and the checkpoint
-    carries them (evaluation and serving load the same map); with the option off, the identity."""
-    overrides = tiny_overrides(synthetic_dir, tmp_path, "norm") + ["trainer.max_steps=2"]
+    """The trainer standardises the context and the post token's dense features by the training
+    split's moments and the checkpoint carries them (evaluation and serving load the same map);
+    with the option off, the identity."""
+    dense = ["content_0", "content_3"]
+    overrides = tiny_overrides(synthetic_dir, tmp_path, "norm") + ["trainer.max_steps=2", f"data.dense=[{','.join(dense)}]"]
     context = list(to_config(compose(overrides)).data.context)
-    norm = load_trained(run(compose(overrides)).run_dir).model.context_norm
+    model = load_trained(run(compose(overrides)).run_dir).model
     files = split_files(synthetic_dir, "train")
-    table = pa.concat_tables([pq.read_table(f, columns=[f"ctx_{c}" for c in context]) for f in files])
-    for k, name in enumerate(context):  # straight from the Parquet files: every stored impression
-        values = pc.list_flatten(table[f"ctx_{name}"]).to_numpy().astype(np.float64)
-        assert norm.shift[k].item() == pytest.approx(values.mean(), rel=1e-5), name
-        assert norm.scale[k].item() == pytest.approx(1 / values.std(), rel=1e-5), name
+    for norm, columns in ((model.context_norm, [f"ctx_{c}" for c in context]),
+                          (model.dense_norm, [f"dense_{c}" for c in dense])):
+        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        for k, name in enumerate(columns):  # straight from the Parquet files: every stored impression
+            values = pc.list_flatten(table[name]).to_numpy().astype(np.float64)
+            assert norm.shift[k].item() == pytest.approx(values.mean(), rel=1e-5, abs=1e-7), name
+            assert norm.scale[k].item() == pytest.approx(1 / values.std(), rel=1e-5), name
     off = run(compose(tiny_overrides(synthetic_dir, tmp_path, "no_norm") + [
         "trainer.max_steps=2", "model.context_norm=false"]))
     identity = load_trained(off.run_dir).model.context_norm

@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feedsr.data.block import DEFAULT_SESSION_GAP_S, SequenceBlock, sessions_of
 from feedsr.data.reader import ReadSpec
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, ID_COLUMNS, TRUE_PROB_PREFIX
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, DENSE_PREFIX, ID_COLUMNS, TRUE_PROB_PREFIX
 from feedsr.data.tasks import Task, decode_actions, task_bitmasks, task_labels
 
 
@@ -32,6 +32,7 @@ class Batch:
     positions: torch.Tensor  # (N,) int64 feed position, -1 unknown
     actions: torch.Tensor  # (N, M) float32 multi-hot of the M actions (the action-token input)
     context: torch.Tensor  # (N, C) float32 late-fusion features
+    dense: torch.Tensor  # (N, E) float32 numbers of the post token (dense_ columns)
     labels: torch.Tensor  # (N, K) float32 one column per task
     target_mask: torch.Tensor  # (N,) bool: impression is a target (in its row's num_targets tail)
     true_probs: torch.Tensor  # (N, K) float32 true probability per task, NaN where unknown
@@ -68,7 +69,8 @@ class BatchSpec:
     """How a SequenceBlock becomes a Batch.
 
     Args:
-        read: the columns read (action names, categoricals, context, true probabilities).
+        read: the columns read (action names, categoricals, dense and context features, true
+            probabilities).
         tasks: the prediction tasks.
         id_table_sizes: id feature -> table size; ids are taken modulo the size (an id space
             smaller than the table is therefore collision-free). Keys: ``item_ids`` and/or
@@ -132,10 +134,6 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
     )
     bits = v["action_bits"]
     actions = decode_actions(bits, len(spec.read.action_names)).astype(np.float32)
-    context = (
-        np.stack([v[CONTEXT_PREFIX + c] for c in spec.read.context], axis=1)
-        if spec.read.context else np.zeros((n, 0), np.float32)
-    )
     return Batch(
         sparse=sparse,
         lengths=torch.from_numpy(lengths.astype(np.int64)),
@@ -145,11 +143,19 @@ def collate(block: SequenceBlock, spec: BatchSpec) -> Batch:
         session_ids=_tensor(sessions_of(block, spec.session_gap_s)),
         positions=_tensor(v["positions"]),
         actions=torch.from_numpy(actions),
-        context=torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32)),
+        context=torch.from_numpy(stack_columns(v, [CONTEXT_PREFIX + c for c in spec.read.context], n)),
+        dense=torch.from_numpy(stack_columns(v, [DENSE_PREFIX + c for c in spec.read.dense], n)),
         labels=torch.from_numpy(task_labels(bits, task_bitmasks(list(spec.tasks), list(spec.read.action_names)))),
         target_mask=torch.from_numpy(block.target_flags()),
         true_probs=torch.from_numpy(spec.true_probs(v, n)),
     )
+
+
+def stack_columns(values: dict[str, np.ndarray], columns: list[str], n: int) -> np.ndarray:
+    """(n, len(columns)) float32: per-impression float columns side by side."""
+    if not columns:
+        return np.zeros((n, 0), np.float32)
+    return np.ascontiguousarray(np.stack([values[c] for c in columns], axis=1), dtype=np.float32)
 
 
 class Collator:

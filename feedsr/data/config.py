@@ -55,6 +55,7 @@ class DataConfig:
     id_tables: dict[str, int | None] = field(default_factory=dict)
     categorical: dict[str, int | None] = field(default_factory=dict)  # name (no cat_ prefix) -> table size
     context: list[str] = field(default_factory=list)  # names (no ctx_ prefix)
+    dense: list[str] = field(default_factory=list)  # names (no dense_ prefix): numbers in the post token
     train_split: str = "train"
     valid_split: str = "valid"
     test_split: str = "test"
@@ -85,7 +86,7 @@ class DataConfig:
         if len(self.action_names) > MAX_ACTIONS:
             raise ValueError(f"data.action_names: at most {MAX_ACTIONS} actions fit in action_bits, "
                              f"got {len(self.action_names)}")
-        for name in ("action_names", "context"):
+        for name in ("action_names", "context", "dense"):
             names = list(getattr(self, name))
             if len(set(names)) < len(names):
                 raise ValueError(f"data.{name} has duplicates: {names}")
@@ -154,6 +155,7 @@ def batch_spec(cfg: DataConfig, meta: dict | None = None) -> BatchSpec:
         categorical=tuple(cfg.categorical),
         context=tuple(cfg.context),
         true_probs=true_probs,
+        dense=tuple(cfg.dense),
     )
     try:
         sizes = table_sizes(configured_tables(cfg), meta or {})

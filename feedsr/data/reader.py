@@ -40,6 +40,8 @@ from feedsr.data.block import DEFAULT_SESSION_GAP_S, SequenceBlock, session_shuf
 from feedsr.data.schema import (
     CATEGORICAL_PREFIX,
     CONTEXT_PREFIX,
+    DENSE_PREFIX,
+    FLOAT_PREFIXES,
     ID_COLUMNS,
     PER_IMPRESSION_COLUMNS,
     TRUE_PROB_PREFIX,
@@ -58,12 +60,14 @@ class ReadSpec:
     categorical: tuple[str, ...] = ()  # names without the cat_ prefix
     context: tuple[str, ...] = ()  # names without the ctx_ prefix
     true_probs: tuple[str, ...] = ()  # action names with a true_ column (synthetic data)
+    dense: tuple[str, ...] = ()  # names without the dense_ prefix (numbers in the post token)
 
     @property
     def list_columns(self) -> list[str]:
         return (
             list(PER_IMPRESSION_COLUMNS)
             + [CATEGORICAL_PREFIX + c for c in self.categorical]
+            + [DENSE_PREFIX + c for c in self.dense]
             + [CONTEXT_PREFIX + c for c in self.context]
             + [TRUE_PROB_PREFIX + a for a in self.true_probs]
         )
@@ -175,7 +179,7 @@ def table_block(table: pa.Table, spec: ReadSpec, path: str, row_group: int, firs
                 f"{_where(path, row_group, first_row, bad)}: column '{name}' has "
                 f"{col_lengths[i]} values but '{spec.list_columns[0]}' has {lengths[i]}"
             )
-        kind = np.float32 if name.startswith((CONTEXT_PREFIX, TRUE_PROB_PREFIX)) else np.int64
+        kind = np.float32 if name.startswith(FLOAT_PREFIXES) else np.int64
         values[name] = flat.astype(kind, copy=False)
     block = SequenceBlock(lengths=lengths, rows=rows, values=values)
     validate_block(block, spec, path, row_group, first_row)
@@ -215,8 +219,8 @@ def validate_block(
     max_bits = 1 << len(spec.action_names)
     checks.append((f"column 'action_bits' has bits beyond the {len(spec.action_names)} actions "
                    f"{list(spec.action_names)}", (v["action_bits"] < 0) | (v["action_bits"] >= max_bits)))
-    checks += [(f"column '{CONTEXT_PREFIX}{c}' has a non-finite value",
-                ~np.isfinite(v[CONTEXT_PREFIX + c])) for c in spec.context]
+    checks += [(f"column '{name}' has a non-finite value", ~np.isfinite(v[name]))
+               for name in [DENSE_PREFIX + c for c in spec.dense] + [CONTEXT_PREFIX + c for c in spec.context]]
     checks += [(f"column '{TRUE_PROB_PREFIX}{a}' has a value outside [0, 1]",
                 ~((v[TRUE_PROB_PREFIX + a] >= 0) & (v[TRUE_PROB_PREFIX + a] <= 1)))
                for a in spec.true_probs]

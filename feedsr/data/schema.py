@@ -7,6 +7,8 @@ impressions are targets (the rest is history only).
 Fixed columns (``SEQUENCE_COLUMNS``) plus three families recognised by prefix:
 
 - ``cat_<name>``: list<int>, a small per-impression categorical (post type, surface/tab, ...);
+- ``dense_<name>``: list<float>, a numeric feature of the post that enters its post token beside
+  the id embeddings (the paper's "identity" transform: e.g. one dimension of a content embedding);
 - ``ctx_<name>``: list<float>, a late-fusion context feature valued as of the impression time;
 - ``true_<action>``: list<float>, the true probability of <action> (synthetic data only; lets
   evaluation report the oracle).
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 
 ACTION_NAMES_KEY = b"feedsr.action_names"
 CATEGORICAL_PREFIX = "cat_"
+DENSE_PREFIX = "dense_"
 CONTEXT_PREFIX = "ctx_"
 TRUE_PROB_PREFIX = "true_"
 UNKNOWN_POSITION = -1
@@ -59,7 +62,9 @@ SEQUENCE_COLUMNS: tuple[Column, ...] = (
 )
 COLUMNS_BY_NAME = {c.name: c for c in SEQUENCE_COLUMNS}
 PER_IMPRESSION_COLUMNS = tuple(c.name for c in SEQUENCE_COLUMNS if c.per_impression)
-PREFIX_KINDS = {CATEGORICAL_PREFIX: "int", CONTEXT_PREFIX: "float", TRUE_PROB_PREFIX: "float"}
+PREFIX_KINDS = {CATEGORICAL_PREFIX: "int", DENSE_PREFIX: "float", CONTEXT_PREFIX: "float", TRUE_PROB_PREFIX: "float"}
+# The per-impression float families (read as float32; every other list column is an integer).
+FLOAT_PREFIXES = tuple(p for p, kind in PREFIX_KINDS.items() if kind == "float")
 
 
 def arrow_type(kind: str, per_impression: bool) -> pa.DataType:
@@ -84,10 +89,12 @@ def arrow_schema(
     context: list[str] = (),
     true_probs: list[str] = (),
     action_names: list[str] | None = None,
+    dense: list[str] = (),
 ) -> pa.Schema:
     """The full Arrow schema for a file with the given optional feature families."""
     names = [c.name for c in SEQUENCE_COLUMNS]
     names += [CATEGORICAL_PREFIX + n for n in categorical]
+    names += [DENSE_PREFIX + n for n in dense]
     names += [CONTEXT_PREFIX + n for n in context]
     names += [TRUE_PROB_PREFIX + n for n in true_probs]
     fields = [pa.field(n, arrow_type(*column_kind(n)), nullable=False) for n in names]

@@ -16,4 +16,4 @@ def build_model(cfg: ModelConfig, spec: BatchSpec, max_seq_len: int, device=None
     group_index = [groups.index(t.group) for t in spec.tasks]
     cls = FeedSR if cfg.name == "feedsr" else DCNv2Ranker
     return cls(cfg, dict(spec.id_table_sizes), len(spec.read.action_names), len(spec.read.context),
-               group_index, max_seq_len, device)
+               group_index, max_seq_len, device, dense_dim=len(spec.read.dense))

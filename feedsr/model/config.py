@@ -88,12 +88,13 @@ class ModelConfig:
             raise ValueError("model.rope_time needs model.position_encoding=rope")
 
 
-def model_width(cfg: ModelConfig, num_id_features: int, context_dim: int) -> int:
+def model_width(cfg: ModelConfig, num_id_features: int, context_dim: int, dense_dim: int = 0) -> int:
     """The transformer's width: ``d_model``, or else the post token's, one embedding per id
-    feature (ids and categoricals) plus the context features when they are not late-fused."""
+    feature (ids and categoricals), the dense features, and the context features when they are
+    not late-fused."""
     if cfg.d_model is not None:
         return cfg.d_model
-    return cfg.embedding_dim * num_id_features + (0 if cfg.late_fusion else context_dim)
+    return cfg.embedding_dim * num_id_features + dense_dim + (0 if cfg.late_fusion else context_dim)
 
 
 def check_width(cfg: ModelConfig, width: int) -> None:
@@ -116,4 +117,4 @@ def check_model_config(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     if model_cfg.name != "feedsr":  # the DCNv2 baseline has no attention
         return
     num_id_features = len(data_cfg.id_tables) + len(data_cfg.categorical)
-    check_width(model_cfg, model_width(model_cfg, num_id_features, len(data_cfg.context)))
+    check_width(model_cfg, model_width(model_cfg, num_id_features, len(data_cfg.context), len(data_cfg.dense)))

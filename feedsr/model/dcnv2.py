@@ -1,6 +1,7 @@
 """The pointwise DCNv2 baseline: the kind of ranker Feed-SR replaced.
 
-Each impression is scored from its own post features, its context and a pooled history: the mean
+Each impression is scored from its own post features (id embeddings and dense features, as in
+Feed-SR's post token), its context and a pooled history: the mean
 of (post token + action token) over the member's strictly earlier impressions. A DCNv2 backbone
 (cross network in parallel with a deep MLP) feeds the same multi-task heads as Feed-SR, and the
 same loss trains it, so the two are compared on equal terms.
@@ -31,11 +32,12 @@ class DCNv2Ranker(nn.Module):
     """Args: as FeedSR (``max_seq_len`` is unused)."""
 
     def __init__(self, cfg: ModelConfig, tables: dict[str, int], num_actions: int, context_dim: int,
-                 task_groups: list[int], max_seq_len: int, device=None):
+                 task_groups: list[int], max_seq_len: int, device=None, dense_dim: int = 0):
         super().__init__()
         self.cfg = cfg
         self.context_norm = ContextNorm(context_dim, cfg.context_norm)
-        self.posts = PostEmbedding(tables, cfg.embedding_dim, 0, device)
+        self.dense_norm = ContextNorm(dense_dim, cfg.context_norm) if dense_dim else None
+        self.posts = PostEmbedding(tables, cfg.embedding_dim, dense_dim, device)
         width = self.posts.out_dim
         self.action_proj = nn.Linear(num_actions, width)
         in_dim = 2 * width + context_dim  # [post, history mean, context]
@@ -47,7 +49,8 @@ class DCNv2Ranker(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N, K) task logits for every impression of the batch."""
         context = self.context_norm(batch.context)
-        post = self.posts(batch.sparse, context)  # (N, W)
+        dense = batch.dense if self.dense_norm is None else self.dense_norm(batch.dense)
+        post = self.posts(batch.sparse, dense)  # (N, W)
         history = causal_mean(post + self.action_proj(batch.actions), batch.lengths)
         if not self.cfg.use_history:
             history = torch.zeros_like(history)

@@ -1,7 +1,8 @@
 """Post tokens from id features: a TorchRec EmbeddingCollection over the batch's KeyedJaggedTensor.
 
 Every id feature (item, author, each categorical) has its own table; a post's token is the
-concatenation of its features' embeddings (plus its context features when they are not late-fused).
+concatenation of its features' embeddings and its numbers: the ``dense_`` features (a content
+embedding, say), plus the context features when they are not late-fused.
 TorchRec's EmbeddingCollection requires one embedding dimension for all of its tables.
 """
 
@@ -19,8 +20,8 @@ def table_name(feature: str) -> str:
 
 
 class ContextNorm(nn.Module):
-    """(..., C) context features -> asinh((x - mean) / std) per feature, or the features as they
-    are when disabled (``model.context_norm=false``).
+    """(..., C) context (or dense) features -> asinh((x - mean) / std) per feature, or the features
+    as they are when disabled (``model.context_norm=false``).
 
     Context features come in their own units: rates of rare actions with a spread of 1e-3 beside
     counts with a spread of 15 (KuaiRand). Fed raw, the first layer sees the former as constants
@@ -61,16 +62,18 @@ class ContextNorm(nn.Module):
 
 
 class PostEmbedding(nn.Module):
-    """(KJT of N impressions, (N, C) context) -> (N, out_dim) post features.
+    """(KJT of N impressions, (N, E) numbers) -> (N, out_dim) post features: the id embeddings,
+    then the numbers.
 
     Args:
         tables: id feature -> number of rows (ids arrive already taken modulo this size).
         embedding_dim: width of every table.
-        context_dim: context features concatenated into the token (0 when they are late-fused).
+        numeric_dim: numbers concatenated into the token (dense features, and the context ones
+            when they are not late-fused).
         device: where tables are created; ``meta`` defers allocation to DistributedModelParallel.
     """
 
-    def __init__(self, tables: dict[str, int], embedding_dim: int, context_dim: int = 0, device=None):
+    def __init__(self, tables: dict[str, int], embedding_dim: int, numeric_dim: int = 0, device=None):
         super().__init__()
         self.features = list(tables)
         self.ec = EmbeddingCollection(
@@ -82,27 +85,27 @@ class PostEmbedding(nn.Module):
             ],
             device=device,
         )
-        self.context_dim = context_dim
-        self.out_dim = embedding_dim * len(self.features) + context_dim
+        self.numeric_dim = numeric_dim
+        self.out_dim = embedding_dim * len(self.features) + numeric_dim
 
-    def forward(self, sparse: KeyedJaggedTensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, sparse: KeyedJaggedTensor, numbers: torch.Tensor) -> torch.Tensor:
         looked_up = self.ec(sparse)
         parts = [looked_up[f].values() for f in self.features]  # each (N, embedding_dim)
-        if self.context_dim:
-            parts.append(context)
+        if self.numeric_dim:
+            parts.append(numbers)
         return torch.cat(parts, dim=-1)
 
-    def dense(self, ids: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+    def dense(self, ids: list[torch.Tensor], numbers: torch.Tensor) -> torch.Tensor:
         """The same from plain id tensors (one per feature, in ``features`` order, each of shape
-        S, taken modulo the table size as ``collate`` takes them) and (*S, C) context: (*S, out_dim).
+        S, taken modulo the table size as ``collate`` takes them) and (*S, E) numbers: (*S, out_dim).
         Reads the EmbeddingCollection's own tables (an unsharded model)."""
         tables = self.ec.embeddings
         parts = []
         for feature, values in zip(self.features, ids, strict=True):
             weight = tables[table_name(feature)].weight
             parts.append(torch.nn.functional.embedding(values % weight.shape[0], weight))
-        if self.context_dim:
-            parts.append(context)
+        if self.numeric_dim:
+            parts.append(numbers)
         return torch.cat(parts, dim=-1)
 
 

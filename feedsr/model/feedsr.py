@@ -1,6 +1,6 @@
 """Feed-SR: a decoder-only transformer over interleaved post and action tokens.
 
-Per impression t: post token X_t (concatenated id embeddings) and action token A_t (a learned
+Per impression t: post token X_t (concatenated id embeddings and dense features) and action token A_t (a learned
 linear map of the action multi-hot), interleaved as [X_1, A_1, ..., X_T, A_T]. The prediction for
 t is read at X_t's output: X_t sees every earlier post and action and itself, never A_t (its own
 label). Context features join after the last block (late fusion), then the multi-task head.
@@ -30,16 +30,19 @@ class FeedSR(nn.Module):
         task_groups: per task, its gate group index.
         max_seq_len: longest sequence (for learned absolute positions).
         device: ``meta`` defers embedding tables to DistributedModelParallel.
+        dense_dim: number of dense features (the post token's numbers).
     """
 
     def __init__(self, cfg: ModelConfig, tables: dict[str, int], num_actions: int, context_dim: int,
-                 task_groups: list[int], max_seq_len: int, device=None):
+                 task_groups: list[int], max_seq_len: int, device=None, dense_dim: int = 0):
         super().__init__()
         self.cfg = cfg
         token_context = 0 if cfg.late_fusion else context_dim
         self.context_norm = ContextNorm(context_dim, cfg.context_norm)
-        self.posts = PostEmbedding(tables, cfg.embedding_dim, token_context, device)
-        width = model_width(cfg, len(tables), context_dim)
+        # Only with dense features: checkpoints of models without them keep their layout.
+        self.dense_norm = ContextNorm(dense_dim, cfg.context_norm) if dense_dim else None
+        self.posts = PostEmbedding(tables, cfg.embedding_dim, dense_dim + token_context, device)
+        width = model_width(cfg, len(tables), context_dim, dense_dim)
         check_width(cfg, width)
         self.input_proj = nn.Linear(self.posts.out_dim, width) if cfg.d_model is not None else nn.Identity()
         self.action_proj = nn.Linear(num_actions, width)
@@ -59,16 +62,25 @@ class FeedSR(nn.Module):
     # included) composes the same model: post_tokens -> tokens (interleave) -> rotary (rope) /
     # attention_mask -> represent -> predict.
 
-    def post_tokens(self, sparse, context: torch.Tensor) -> torch.Tensor:
-        """(N, D) post tokens X of N impressions (or candidates): their id embeddings (and context
-        without late fusion), projected to the model width; no position yet."""
-        return self.input_proj(self.posts(sparse, self.context_norm(context)))
+    def token_numbers(self, context: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """(*S, E) the numbers of the post tokens from (*S, C) context and (*S, E_d) dense
+        features: the dense ones, then the context without late fusion, each standardised."""
+        parts = [] if self.dense_norm is None else [self.dense_norm(dense)]
+        if not self.cfg.late_fusion:
+            parts.append(self.context_norm(context))
+        return torch.cat(parts, dim=-1) if parts else context[..., :0]
 
-    def dense_post_tokens(self, ids: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
+    def post_tokens(self, sparse, context: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """(N, D) post tokens X of N impressions (or candidates): their id embeddings and numbers
+        (``token_numbers``), projected to the model width; no position yet."""
+        return self.input_proj(self.posts(sparse, self.token_numbers(context, dense)))
+
+    def dense_post_tokens(self, ids: list[torch.Tensor], context: torch.Tensor,
+                          dense: torch.Tensor) -> torch.Tensor:
         """``post_tokens`` from padded id tensors (one per id feature, in table order, any shape
-        ``S``) and (*S, C) context: (*S, D). For traced and exported programs, which take no
-        KeyedJaggedTensor."""
-        return self.input_proj(self.posts.dense(ids, self.context_norm(context)))
+        ``S``), (*S, C) context and (*S, E_d) dense features: (*S, D). For traced and exported
+        programs, which take no KeyedJaggedTensor."""
+        return self.input_proj(self.posts.dense(ids, self.token_numbers(context, dense)))
 
     def interleave(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(B, T, D) post and action tokens -> (B, 2T, D) [X_1, A_1, ..., X_T, A_T], with the
@@ -80,7 +92,7 @@ class FeedSR(nn.Module):
 
     def tokens(self, batch: Batch, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved (B, 2T, D) tokens and the (B, T) mask of real impressions."""
-        x = self.post_tokens(batch.sparse, batch.context)  # (N, D)
+        x = self.post_tokens(batch.sparse, batch.context, batch.dense)  # (N, D)
         a = self.action_proj(batch.actions)  # (N, D)
         x, mask = pad_jagged(x, batch.lengths, max_len)  # (B, T, D)
         a, _ = pad_jagged(a, batch.lengths, max_len)

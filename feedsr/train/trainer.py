@@ -32,7 +32,8 @@ from feedsr.data.config import (
     tasks_of,
 )
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
-from feedsr.data.stats import context_moments
+from feedsr.data.schema import CONTEXT_PREFIX, DENSE_PREFIX
+from feedsr.data.stats import column_moments
 from feedsr.data.tasks import task_bitmasks
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
@@ -153,8 +154,8 @@ class Trainer:
         self.best: dict | None = None
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
-        if cfg.model.context_norm and cfg.data.context and self.resume_from is None and not cfg.trainer.init_from:
-            model.context_norm.fit(*self._context_moments())  # else the checkpoint's moments load
+        if cfg.model.context_norm and self.resume_from is None and not cfg.trainer.init_from:
+            self._fit_input_norms(model)  # else the checkpoint's moments load
         hdet = cfg.trainer.hdet
         self.model = shard_model(model, ctx, cfg.optimizer.sparse, cfg.optimizer.sparse_lr,
                                  cfg.optimizer.sparse_eps,
@@ -259,16 +260,32 @@ class Trainer:
         self._log("estimating feed-position propensities from the training split")
         return estimate_propensities(reader, int(mask), loss.ipw_num_positions, loss.ipw_min_propensity)
 
-    def _context_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank 0's mean and std of the context features over every impression of the training
-        split's rows as stored (its first ``CONTEXT_MOMENT_ROWS`` rows), broadcast to every rank."""
-        moments = torch.zeros(2, len(self.spec.read.context), dtype=torch.float64)
+    def _fit_input_norms(self, model: torch.nn.Module) -> None:
+        """Standardise the late-fused context and the post token's dense features by the training
+        split's moments (one read for both)."""
+        read = self.spec.read
+        norms = [(model.context_norm, [CONTEXT_PREFIX + c for c in read.context])]
+        if getattr(model, "dense_norm", None) is not None:
+            norms.append((model.dense_norm, [DENSE_PREFIX + c for c in read.dense]))
+        norms = [(norm, columns) for norm, columns in norms if columns]
+        if not norms:
+            return
+        mean, std = self._column_moments([c for _, columns in norms for c in columns])
+        start = 0
+        for norm, columns in norms:
+            norm.fit(mean[start:start + len(columns)], std[start:start + len(columns)])
+            start += len(columns)
+
+    def _column_moments(self, columns: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0's mean and std of numeric columns over every impression of the training split's
+        rows as stored (its first ``CONTEXT_MOMENT_ROWS`` rows), broadcast to every rank."""
+        moments = torch.zeros(2, len(columns), dtype=torch.float64)
         if self.ctx.is_main:
             data = self.config.data
             files = open_files(split_files(data.path, data.train_split), self.spec.read)
             reader = SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
-            self._log("standardising the context features by the training split's moments")
-            moments = torch.tensor(np.stack(context_moments(reader, list(data.context), CONTEXT_MOMENT_ROWS)))
+            self._log("standardising the numeric features by the training split's moments")
+            moments = torch.tensor(np.stack(column_moments(reader, columns, CONTEXT_MOMENT_ROWS)))
         moments = broadcast(moments).float()
         return moments[0], moments[1]
 
