@@ -69,11 +69,12 @@ def parse_args(argv=None):
 
 
 def random_columns(spec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random values for the spec's id and context columns."""
-    from feedsr.data.schema import CONTEXT_PREFIX
+    """Random values for the spec's id, dense and context columns."""
+    from feedsr.data.schema import CONTEXT_PREFIX, DENSE_PREFIX
 
     values = {k: rng.integers(0, size, n) for k, size in spec.id_table_sizes.items()}
-    return values | {CONTEXT_PREFIX + c: rng.random(n).astype(np.float32) for c in spec.read.context}
+    numbers = [DENSE_PREFIX + c for c in spec.read.dense] + [CONTEXT_PREFIX + c for c in spec.read.context]
+    return values | {c: rng.random(n).astype(np.float32) for c in numbers}
 
 
 def request(spec, history: int, num_candidates: int, seed: int = 0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODEL_SPEC, make_block
+from conftest import MODEL_SPEC, SPEC, make_block
 from feedsr.model import build_model
 from feedsr.model.config import ModelConfig, PositionBiasConfig
 from feedsr.model.heads import HeadConfig
@@ -27,6 +27,9 @@ CONFIGS = {
 }
 # (history lengths, candidates per member): one member; padded batches, one member without candidates
 CASES = [([1], [1]), ([6], [3]), ([9], [17]), ([5, 1, 9], [3, 17, 1]), ([4, 7], [0, 5])]
+# The post token with dense features (a 4-d content embedding) beside the id embeddings: width 3 * 8 + 4.
+DENSE = ("emb_0", "emb_1", "emb_2", "emb_3")
+DENSE_SPEC = dataclasses.replace(MODEL_SPEC, read=dataclasses.replace(SPEC, dense=DENSE))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,29 +42,46 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def model_of(seed=0, **overrides):
+def model_of(seed=0, spec=MODEL_SPEC, **overrides):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"embedding_dim": 8, "num_layers": 2, "num_heads": 2, "ffn_dim": 32, **overrides})
-    model = build_model(cfg, MODEL_SPEC, max_seq_len=MAX_SEQ_LEN).eval()
+    model = build_model(cfg, spec, max_seq_len=MAX_SEQ_LEN).eval()
     with torch.no_grad():  # alpha and position offsets start at 0.1 and 0: make every path matter
         for name, p in model.named_parameters():
             if "alpha" in name or "position_bias" in name:
                 p.copy_(torch.randn_like(p))
-        context = len(MODEL_SPEC.read.context)  # a fitted standardisation, for the exported paths too
+        context = len(spec.read.context)  # a fitted standardisation, for the exported paths too
         model.context_norm.fit(torch.rand(context), torch.rand(context) + 0.5)
+        if spec.read.dense:
+            model.dense_norm.fit(torch.randn(len(spec.read.dense)), torch.rand(len(spec.read.dense)) + 0.5)
     return model
 
 
+def dense_values(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random ``dense_<name>`` columns of ``DENSE`` for n impressions, each in its own units."""
+    return {f"dense_{c}": (rng.normal(size=n) * (k + 1) + k).astype(np.float32) for k, c in enumerate(DENSE)}
+
+
+def with_dense(history, seed=0):
+    """The history with random dense features (the post token's numbers) on every impression."""
+    rng = np.random.default_rng(seed + 100)
+    return dataclasses.replace(history, values=history.values | dense_values(len(history.values["timestamps"]), rng))
+
+
 def make_candidates(history, counts, gap_s=50, seed=0) -> Candidates:
-    """Random candidates; each member's request comes ``gap_s`` after its last impression."""
+    """Random candidates; each member's request comes ``gap_s`` after its last impression. They
+    have dense features when the history has them."""
     rng = np.random.default_rng(seed)
     n = int(sum(counts))
     last_ts = history.values["timestamps"][history.offsets[1:] - 1]
-    return Candidates(counts=counts, request_times=last_ts + gap_s, values={
+    values = {
         "item_ids": rng.integers(0, 1000, n), "author_ids": rng.integers(0, 16, n),
         "cat_surface": rng.integers(0, 3, n), "ctx_age": rng.random(n).astype(np.float32),
         "positions": rng.integers(-1, 70, n),
-    })
+    }
+    if any(k.startswith("dense_") for k in history.values):
+        values |= dense_values(n, rng)
+    return Candidates(counts=counts, request_times=last_ts + gap_s, values=values)
 
 
 @pytest.mark.parametrize("lengths,counts", CASES)
@@ -76,6 +96,48 @@ def test_shared_context_equals_one_by_one(config, lengths, counts):
         for method in ("masked", "kv"):
             torch.testing.assert_close(scorer.score(history, candidates, method), reference,
                                        rtol=0, atol=1e-5, msg=f"{method}, request gap {gap_s}s")
+
+
+@pytest.mark.parametrize("lengths,counts", [CASES[1], CASES[3], CASES[4]])
+@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "no_late_fusion", "session_mask"])
+def test_shared_context_with_dense_features_equals_one_by_one(config, lengths, counts):
+    """Dense features in the post token, the history's and the candidates': the shared-context
+    scores are the model's own forward on [history, candidate] (one by one)."""
+    model = model_of(spec=DENSE_SPEC, **CONFIGS[config])
+    assert model.dense_norm is not None and model.posts.numeric_dim == len(DENSE) + (
+        0 if model.cfg.late_fusion else 1)
+    scorer = CandidateScorer(model, DENSE_SPEC)
+    history = with_dense(make_block(lengths, seed=len(lengths), gap_every=3), seed=len(lengths))
+    candidates = make_candidates(history, counts)
+    reference = scorer.score(history, candidates, method="one_by_one")
+    for method in ("masked", "kv"):
+        torch.testing.assert_close(scorer.score(history, candidates, method), reference, rtol=0, atol=1e-5,
+                                   msg=method)
+    torch.testing.assert_close(scorer.score_cached(scorer.encode_history(history), candidates), reference,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["masked", "kv"])
+def test_dense_features_reach_the_scores(method):
+    """A candidate's dense value moves its own score only; a history impression's moves them all."""
+    scorer = CandidateScorer(model_of(spec=DENSE_SPEC), DENSE_SPEC)
+    history = with_dense(make_block([6, 3], seed=2))
+    candidates = make_candidates(history, [5, 4])
+    base = scorer.score(history, candidates, method)
+    for column in (f"dense_{c}" for c in DENSE):
+        values = {k: v.copy() for k, v in candidates.values.items()}
+        values[column][2] += 3.0
+        changed = scorer.score(history, dataclasses.replace(candidates, values=values), method)
+        others = [i for i in range(9) if i != 2]
+        torch.testing.assert_close(changed[others], base[others], rtol=0, atol=0)
+        assert (changed[2] - base[2]).abs().max() > 1e-4, column
+    values = {k: v.copy() for k, v in history.values.items()}
+    values["dense_emb_1"][1] += 3.0  # member 0's second impression
+    changed = scorer.score(dataclasses.replace(history, values=values), candidates, method)
+    assert (changed[:5] - base[:5]).abs().min() > 0 and torch.equal(changed[5:], base[5:])
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['dense_emb_2'\]"):
+        values = {k: v for k, v in candidates.values.items() if k != "dense_emb_2"}
+        scorer.score(history, dataclasses.replace(candidates, values=values), method)
 
 
 def test_the_request_time_and_session_matter():

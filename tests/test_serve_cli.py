@@ -3,6 +3,7 @@ request files are refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -46,9 +47,10 @@ def requests_from(rows: pa.Table, spec) -> pa.Table:
     for name in lists:
         columns[name] = pa.array([v[:-1] for v in rows[name].to_pylist()], type=rows.schema.field(name).type)
     columns["request_time"] = pa.array([v[-1] for v in rows["timestamps"].to_pylist()], pa.int64())
-    for name in spec.id_features + ["positions"] + [f"ctx_{c}" for c in spec.read.context]:
+    numbers = [f"dense_{c}" for c in spec.read.dense] + [f"ctx_{c}" for c in spec.read.context]
+    for name in spec.id_features + ["positions"] + numbers:
         last = [v[-1] for v in rows[name].to_pylist()]
-        other = (rng.integers(0, 5, (len(last), 2)) if not name.startswith("ctx_")
+        other = (rng.integers(0, 5, (len(last), 2)) if name not in numbers
                  else rng.random((len(last), 2)).astype(np.float32))
         columns[f"cand_{name}"] = pa.array([[x, *o] for x, o in zip(last, other.tolist())],
                                            type=rows.schema.field(name).type)
@@ -75,6 +77,7 @@ def test_cli_scores_are_the_models_own(trained_run, synthetic_dir, tmp_path):
     assert scores["member_id"] == [m for m in rows["member_id"].to_pylist() for _ in range(3)]
     # the first candidate is the row's last impression: its score is the model's forward on the row
     spec = trained.spec
+    assert spec.read.dense and trained.model.dense_norm is not None  # the post token has dense features
     expected = forward_last(trained, rows, tmp_path / "rows.parquet")
     for k, task in enumerate(t.name for t in spec.tasks):
         got = np.array(scores[f"p_{task}"]).reshape(ROWS, 3)
@@ -110,7 +113,7 @@ def forward_last(trained, rows: pa.Table, path: Path, keep: int | None = None) -
     """The model's own forward on each row (its last ``keep`` impressions): the last impression's
     probabilities."""
     spec = trained.spec
-    read = ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context)
+    read = ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context, dense=spec.read.dense)
     pq.write_table(rows, path)
     block = read_block(open_file(path, read), 0, read)
     if keep is not None:
@@ -171,6 +174,13 @@ def broken(table: pa.Table, how: str) -> pa.Table:
         lists[4] = lists[4][:2]
         return table.set_column(table.schema.get_field_index("cand_positions"), "cand_positions",
                                 pa.array(lists, table.schema.field("cand_positions").type))
+    if how == "no_dense":
+        return table.drop_columns(["cand_dense_content_3"])
+    if how in ("nan_dense", "inf_dense"):
+        lists = table["cand_dense_content_5"].to_pylist()
+        lists[6][2] = float("nan") if how == "nan_dense" else float("-inf")
+        return table.set_column(table.schema.get_field_index("cand_dense_content_5"), "cand_dense_content_5",
+                                pa.array(lists, table.schema.field("cand_dense_content_5").type))
     if how == "negative":
         lists = table["cand_author_ids"].to_pylist()
         lists[9][1] = -3
@@ -184,6 +194,7 @@ def broken(table: pa.Table, how: str) -> pa.Table:
     ("early", r"row 7 \(of the file\): column 'request_time' \(0\) is before the history's last impression"),
     ("uneven", r"row 4 \(of the file\): column 'cand_positions' has 2 candidates but 'cand_\w+' has 3"),
     ("negative", r"row 9 \(of the file\): column 'cand_author_ids' has a negative id"),
+    ("nan_dense", r"row 6 \(of the file\): column 'cand_dense_content_5' has a non-finite value"),
 ])
 def test_bad_requests_are_refused_by_file_row_and_column(trained_run, synthetic_dir, tmp_path, how, message):
     trained = load_trained(trained_run)
@@ -194,6 +205,48 @@ def test_bad_requests_are_refused_by_file_row_and_column(trained_run, synthetic_
     assert str(path) in done.stderr
     assert re.search(message, done.stderr), done.stderr
     assert not (tmp_path / "scores.parquet").exists()
+
+
+def test_bad_dense_values_are_refused_by_column(trained_run, synthetic_dir, tmp_path):
+    """Read in process (the reader of the CLI, which the test above runs): a request without a
+    candidate dense column, a non-finite candidate value, and a history without a dense column."""
+    from feedsr.data.schema import DataError
+    from feedsr.serve.requests import read_requests
+
+    trained = load_trained(trained_run)
+    table = requests_from(valid_rows(synthetic_dir), trained.spec)
+    path = tmp_path / "bad.parquet"
+    pq.write_table(broken(table, "no_dense"), path)
+    with pytest.raises(DataError, match=rf"{path}: missing column 'cand_dense_content_3' \(expected list<a float"):
+        list(read_requests(path, trained.spec, 63))
+    pq.write_table(broken(table, "inf_dense"), path)
+    with pytest.raises(DataError, match=r"row 6 \(of the file\): column 'cand_dense_content_5' has a non-finite"):
+        list(read_requests(path, trained.spec, 63))
+    pq.write_table(table.drop_columns(["dense_content_0"]), path)
+    with pytest.raises(DataError, match=r"missing column 'dense_content_0'"):
+        list(read_requests(path, trained.spec, 63))
+
+
+def test_a_candidates_dense_features_move_its_score(trained_run, synthetic_dir, tmp_path):
+    """The trained model reads the candidates' dense features (the content embedding): changing
+    one candidate's moves its scores, and only its."""
+    from feedsr.serve.requests import read_requests
+    from feedsr.serve.scorer import CandidateScorer
+
+    trained = load_trained(trained_run)
+    path = tmp_path / "requests.parquet"
+    pq.write_table(requests_from(valid_rows(synthetic_dir), trained.spec), path)
+    (requests,) = read_requests(path, trained.spec, 63)
+    scorer, candidates = CandidateScorer(trained.model, trained.spec), requests.candidates
+    base = scorer.score(requests.history, candidates)
+    for name in (f"dense_{c}" for c in trained.spec.read.dense):
+        assert candidates.values[name].dtype == np.float32
+        values = {k: v.copy() for k, v in candidates.values.items()}
+        values[name][4] += 1.5
+        changed = scorer.score(requests.history, dataclasses.replace(candidates, values=values))
+        others = [i for i in range(len(base)) if i != 4]
+        torch.testing.assert_close(changed[others], base[others], rtol=0, atol=0)
+        assert (changed[4] - base[4]).abs().max() > 1e-5, name
 
 
 def test_a_checkpoint_that_is_not_one_is_refused(tmp_path):
@@ -315,6 +368,55 @@ def test_bench_serve_measures_every_method_on_a_checkpoint(trained_run, tmp_path
 # ------------------------------------------------------------------ export
 
 
+def varied_requests(trained, synthetic_dir: Path) -> pa.Table:
+    """Requests whose histories take every length from a doubled row (longer than trained, up to
+    127) down to 1 impression (padded inside the exported runner), with 1..3 candidates."""
+    table = requests_from(doubled(valid_rows(synthetic_dir)), trained.spec)
+    lists = [c for c in table.column_names if pa.types.is_list(table.schema.field(c).type)]
+    cut = {c: [v[:max(1, len(v) * (ROWS - 1 - i) // (ROWS - 1))] if not c.startswith("cand_") else v[:1 + i % 3]
+               for i, v in enumerate(table[c].to_pylist())] for c in lists}
+    for c in lists:
+        table = table.set_column(table.schema.get_field_index(c), c, pa.array(cut[c], table.schema.field(c).type))
+    lengths = [len(v) for v in cut["timestamps"]]
+    assert min(lengths) == 1 and max(lengths) > 63
+    return table
+
+
+def test_traced_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
+    """The export path without compiling: the programs as ``torch.export`` traces them (dynamic
+    history length and candidate count), run by the exported runner on the request file's
+    histories and candidates, dense features included, score like the eager scorer."""
+    from feedsr.serve.__main__ import sliced
+    from feedsr.serve.export import export_meta, trace
+    from feedsr.serve.exported import CANDIDATE_PROGRAM, HISTORY_PROGRAM, ExportedScorer
+    from feedsr.serve.requests import read_requests
+    from feedsr.serve.scorer import CandidateScorer
+
+    trained = load_trained(trained_run)
+    programs = {name: p.module() for name, p in trace(trained, 127).items()}
+    meta = export_meta(trained, 127)
+    assert meta["dense"] == list(trained.spec.read.dense) and meta["dense"]
+    runner = ExportedScorer.of_programs(meta, programs[HISTORY_PROGRAM], programs[CANDIDATE_PROGRAM])
+    path = tmp_path / "requests.parquet"
+    pq.write_table(varied_requests(trained, synthetic_dir), path)
+    (requests,) = read_requests(path, runner.spec, 127)
+    eager = CandidateScorer(trained.model, trained.spec)
+    for i in range(ROWS):
+        part = sliced(requests, i, i + 1)
+        got = runner.score(runner.encode(part.history.values), part.candidates.values,
+                           int(part.candidates.request_times[0]))
+        want = eager.score(part.history, part.candidates).double().numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"request {i}")
+    # the candidates' dense features reach the traced program's scores
+    part = sliced(requests, 4, 5)  # 1 + 4 % 3 = 2 candidates
+    cache = runner.encode(part.history.values)
+    values = dict(part.candidates.values)
+    base = runner.score(cache, values, int(part.candidates.request_times[0]))
+    values["dense_content_2"] = values["dense_content_2"] + 1.5
+    moved = np.abs(runner.score(cache, values, int(part.candidates.request_times[0])) - base).max(axis=1)
+    assert len(moved) == 2 and (moved > 1e-6).all(), moved
+
+
 @pytest.mark.slow  # AOTInductor compiles two programs: minutes on 2 cores
 def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
     out = tmp_path / "exported"
@@ -324,19 +426,9 @@ def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir
     meta = json.loads((out / "export.json").read_text())
     assert (meta["layers"], meta["max_history"], meta["trained_max_history"]) == (1, 127, 63)
     trained = load_trained(trained_run)
-    rows = doubled(valid_rows(synthetic_dir))  # histories longer than trained, up to --max-history
-    table = requests_from(rows, trained.spec)
-    # histories of every length from the whole row down to 1 impression (padded inside the runner),
-    # and 1..3 candidates
-    lists = [c for c in table.column_names if pa.types.is_list(table.schema.field(c).type)]
-    cut = {c: [v[:max(1, len(v) * (ROWS - 1 - i) // (ROWS - 1))] if not c.startswith("cand_") else v[:1 + i % 3]
-               for i, v in enumerate(table[c].to_pylist())] for c in lists}
-    for c in lists:
-        table = table.set_column(table.schema.get_field_index(c), c, pa.array(cut[c], table.schema.field(c).type))
-    lengths = [len(v) for v in cut["timestamps"]]
-    assert min(lengths) == 1 and max(lengths) > 63
+    assert meta["dense"] == list(trained.spec.read.dense) and meta["dense"]  # the programs take dense features
     requests = tmp_path / "requests.parquet"
-    pq.write_table(table, requests)
+    pq.write_table(varied_requests(trained, synthetic_dir), requests)
     eager, exported = tmp_path / "eager.parquet", tmp_path / "exported.parquet"
     assert score_cli(trained_run, requests, eager, "--max-history", "127").returncode == 0
     done = subprocess.run([sys.executable, "-m", "feedsr.serve", "score", "--exported", str(out), "--requests",

@@ -1,8 +1,8 @@
 """Candidates: the posts a ranker scores for each member of a request, and how they become rows.
 
 A candidate carries what a history impression carries before it is shown: its id features, its
-context features and (optionally) the feed slot it would take. It has no actions yet, and its
-time is the request time. Candidates are kept like a ``SequenceBlock``, flat and member-major, so
+dense features (the post token's numbers), its context features and (optionally) the feed slot it
+would take. It has no actions yet, and its time is the request time. Candidates are kept like a ``SequenceBlock``, flat and member-major, so
 the same ``collate`` that builds training batches builds their ``KeyedJaggedTensor`` (ids hashed
 into the same tables), and one-by-one scoring is a history row with one candidate appended.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from feedsr.data.batch import BatchSpec
 from feedsr.data.block import SequenceBlock, offsets_of
-from feedsr.data.schema import CONTEXT_PREFIX, TRUE_PROB_PREFIX, UNKNOWN_POSITION
+from feedsr.data.schema import CONTEXT_PREFIX, DENSE_PREFIX, TRUE_PROB_PREFIX, UNKNOWN_POSITION
 
 
 @dataclass
@@ -30,17 +30,19 @@ class Candidates:
             with ``session_mask``, whether the newest history session is still the current one.
         values: column -> (N,) array, named like ``SequenceBlock`` columns: every id feature of the
             ``BatchSpec`` (``item_ids``, ``author_ids``, ``cat_<name>``: raw ids, hashed like the
-            history's), ``ctx_<name>`` for every context feature, and optionally ``positions``
-            (the feed slot; read only by a model that scores at the given position,
-            ``position_bias.score_position: null``; default -1, unknown).
+            history's), ``dense_<name>`` for every dense feature (the post token's numbers,
+            standardised by the model as the history's are), ``ctx_<name>`` for every context
+            feature, and optionally ``positions`` (the feed slot; read only by a model that scores
+            at the given position, ``position_bias.score_position: null``; default -1, unknown).
 
     Example::
 
-        # member 0 gets 2 candidates, member 1 gets 1 (spec: item_ids, author_ids, cat_surface; ctx_age)
+        # member 0 gets 2 candidates, member 1 gets 1
+        # (spec: item_ids, author_ids, cat_surface; dense_emb_0; ctx_age)
         Candidates(
             counts=[2, 1], request_times=[1_700_000_000, 1_700_000_050],
             values={"item_ids": [11, 12, 40], "author_ids": [3, 3, 9], "cat_surface": [0, 1, 0],
-                    "ctx_age": [0.5, 0.1, 0.9]},
+                    "dense_emb_0": [0.3, -1.2, 0.0], "ctx_age": [0.5, 0.1, 0.9]},
         )
     """
 
@@ -75,9 +77,10 @@ class Candidates:
         """The candidates as a block of B rows (one per member) that ``collate`` accepts.
 
         Actions are zero: a candidate's action token is never in its own sequence (X_t does not
-        see A_t), so their value cannot reach a score.
+        see A_t), so their value cannot reach a score. ``collate`` stacks the ``dense_`` and
+        ``ctx_`` columns into the batch's ``dense`` (N, E) and ``context`` (N, C).
         """
-        needed = spec.id_features + [CONTEXT_PREFIX + c for c in spec.read.context]
+        needed = candidate_features(spec)
         missing = [c for c in needed if c not in self.values]
         if missing:
             raise ValueError(f"candidates lack column(s) {missing}; the batch spec needs {needed}")
@@ -89,6 +92,12 @@ class Candidates:
         values["positions"] = self.values.get("positions", np.full(n, UNKNOWN_POSITION, np.int64))
         rows = {"member_id": np.arange(len(self.counts)), "num_targets": self.counts}
         return SequenceBlock(lengths=self.counts, rows=rows, values=values)
+
+
+def candidate_features(spec: BatchSpec) -> list[str]:
+    """The columns every candidate needs: the id features, ``dense_<name>`` and ``ctx_<name>``."""
+    return (spec.id_features + [DENSE_PREFIX + c for c in spec.read.dense]
+            + [CONTEXT_PREFIX + c for c in spec.read.context])
 
 
 def appended(history: SequenceBlock, member: int, candidates: SequenceBlock, row: int) -> SequenceBlock:

@@ -6,15 +6,17 @@
     DIR/candidates.pt2   N candidates of that member over the cached keys and values -> (N, K)
                          probabilities
     DIR/export.json      what a runner needs besides the programs: id features and their table
-                         sizes, context and action names, tasks, the longest history, the
+                         sizes, context, dense and action names, tasks, the longest history, the
                          calibration (optional), and where the weights came from
 
 Both programs are the model's own steps (``FeedSR.dense_post_tokens``, ``interleave``, ``rope``,
 ``predict``; the scorer's ``history_kv`` and ``over_cache``) traced with dynamic history length
 and candidate count; ``feedsr/serve/exported.py`` runs them without the model code. Inputs are
 plain tensors: ids of every id feature stacked (F, 1, S) in table order (the programs take them
-modulo the table sizes, as training's ``collate`` does), action bits, context, timestamps,
-positions. One member per call (B = 1): a request.
+modulo the table sizes, as training's ``collate`` does), action bits, the numbers (1, S, C + E):
+the C context features then the E dense ones, in ``export.json``'s ``context`` and ``dense``
+order (one input, so that a model without dense features, and an export made before they
+existed, take the same inputs), timestamps, positions. One member per call (B = 1): a request.
 
 Only a causal history can be exported (not ``model.session_mask``, not ``model.use_history=false``):
 their masks depend on sessions and the request time; the eager scorer serves those.
@@ -44,16 +46,16 @@ class ExportError(ValueError):
 
 
 class HistoryProgram(nn.Module):
-    """(ids (F, 1, T), action_bits (1, T), context (1, T, C), timestamps (1, T)) -> the L layers'
-    keys, then their values, each (1, H, 2T, Dh)."""
+    """(ids (F, 1, T), action_bits (1, T), numbers (1, T, C + E): context then dense features,
+    timestamps (1, T)) -> the L layers' keys, then their values, each (1, H, 2T, Dh)."""
 
-    def __init__(self, model: FeedSR, num_actions: int):
+    def __init__(self, model: FeedSR, num_actions: int, context_dim: int):
         super().__init__()
-        self.model, self.num_actions = model, num_actions
+        self.model, self.num_actions, self.context_dim = model, num_actions, context_dim
 
-    def forward(self, ids, action_bits, context, timestamps):
-        model = self.model
-        x = model.dense_post_tokens(list(ids.unbind(0)), context)  # (1, T, D)
+    def forward(self, ids, action_bits, numbers, timestamps):
+        model, c = self.model, self.context_dim
+        x = model.dense_post_tokens(list(ids.unbind(0)), numbers[..., :c], numbers[..., c:])  # (1, T, D)
         bits = torch.arange(self.num_actions, device=action_bits.device)
         actions = ((action_bits[..., None] >> bits) & 1).to(x.dtype)  # the multi-hot, as collate decodes it
         seq = model.interleave(x, model.action_proj(actions))  # (1, 2T, D)
@@ -66,19 +68,21 @@ class HistoryProgram(nn.Module):
 
 
 class CandidateProgram(nn.Module):
-    """(ids (F, 1, N), context (1, N, C), positions (1, N), index (1,), request_time (1,),
-    origin (1,), keys..., values...) -> (1, N, K) probabilities. ``index``: the history length L
-    (the candidates' impression index); ``origin``: the history's first timestamp; keys and
-    values (1, H, 2L, Dh): the history's, every token visible to the candidates."""
+    """(ids (F, 1, N), numbers (1, N, C + E): context then dense features, positions (1, N),
+    index (1,), request_time (1,), origin (1,), keys..., values...) -> (1, N, K) probabilities.
+    ``index``: the history length L (the candidates' impression index); ``origin``: the history's
+    first timestamp; keys and values (1, H, 2L, Dh): the history's, every token visible to the
+    candidates."""
 
-    def __init__(self, model: FeedSR):
+    def __init__(self, model: FeedSR, context_dim: int):
         super().__init__()
-        self.model = model
+        self.model, self.context_dim = model, context_dim
         self.num_layers = len(model.transformer.blocks)
 
-    def forward(self, ids, context, positions, index, request_time, origin, *kv):
-        model = self.model
-        x = model.dense_post_tokens(list(ids.unbind(0)), context)  # (1, N, D)
+    def forward(self, ids, numbers, positions, index, request_time, origin, *kv):
+        model, c = self.model, self.context_dim
+        context = numbers[..., :c]
+        x = model.dense_post_tokens(list(ids.unbind(0)), context, numbers[..., c:])  # (1, N, D)
         if model.abs_positions is not None:
             x = x + model.abs_positions(index)[:, None]
         angles = model.rope(index[:, None], request_time[:, None], origin[:, None])  # (1, 1, Dh/2) or None
@@ -106,6 +110,7 @@ def example_inputs(trained: Trained, history_len: int, num_candidates: int, devi
     spec, model = trained.spec, trained.model
     generator = torch.Generator().manual_seed(0)
     features, context = len(spec.id_features), len(spec.read.context)
+    numbers = context + len(spec.read.dense)
 
     def ids(n):
         return torch.randint(0, 1_000, (features, 1, n), generator=generator).to(device)
@@ -113,14 +118,74 @@ def example_inputs(trained: Trained, history_len: int, num_candidates: int, devi
     timestamps = torch.sort(torch.randint(1_600_000_000, 1_600_100_000, (1, history_len), generator=generator))[0]
     history = (ids(history_len), torch.randint(0, 2 ** len(spec.read.action_names), (1, history_len),
                                                  generator=generator).to(device),
-               torch.rand(1, history_len, context, generator=generator).to(device), timestamps.to(device))
+               torch.rand(1, history_len, numbers, generator=generator).to(device), timestamps.to(device))
     with torch.inference_mode():
-        kv = HistoryProgram(model, len(spec.read.action_names))(*history)
-    candidates = (ids(num_candidates), torch.rand(1, num_candidates, context, generator=generator).to(device),
+        kv = HistoryProgram(model, len(spec.read.action_names), context)(*history)
+    candidates = (ids(num_candidates), torch.rand(1, num_candidates, numbers, generator=generator).to(device),
                   torch.randint(-1, 10, (1, num_candidates), generator=generator).to(device),
                   torch.tensor([history_len], device=device), timestamps[:, -1].to(device) + 60,
                   timestamps[:, 0].to(device), *kv)
     return history, candidates
+
+
+def exportable_history(trained: Trained, max_history: int | None = None) -> int:
+    """The longest history the programs of ``trained`` will take (ExportError when the model or
+    the length cannot be exported): ``max_history``, default the trained windows'
+    (``max_seq_len - 1``; longer only with RoPE, see ``scorer.max_history``)."""
+    check_exportable(trained)
+    try:
+        max_history = longest_history(trained.model, trained.config.data.max_seq_len - 1, max_history)
+    except ValueError as e:
+        raise ExportError(f"{trained.checkpoint}: {e}") from None
+    if max_history < 2:
+        raise ExportError(f"--max-history {max_history}: the exported history program takes >= 2 impressions")
+    return max_history
+
+
+def trace(trained: Trained, max_history: int) -> dict[str, torch.export.ExportedProgram]:
+    """Both programs traced by ``torch.export`` (not compiled yet), by file name, for histories
+    of 2..``max_history`` impressions and 1..``MAX_CANDIDATES`` candidates."""
+    model, spec = trained.model, trained.spec
+    device = next(model.parameters()).device
+    history, candidates = example_inputs(trained, min(8, max_history), 5, device)
+    t = torch.export.Dim("history", min=2, max=max_history)
+    # the candidates' cache: 2 tokens per impression, 2 for a one-impression history (the runner
+    # cuts the copy it pads such a history with, see exported.py)
+    s = torch.export.Dim("history_tokens", min=2, max=2 * max_history)
+    n = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
+    layers, context = len(model.transformer.blocks), len(spec.read.context)
+    programs = [
+        (HISTORY_PROGRAM, HistoryProgram(model, len(spec.read.action_names), context), history,
+         ({2: t}, {1: t}, {1: t}, {1: t})),
+        (CANDIDATE_PROGRAM, CandidateProgram(model, context), candidates,
+         ({2: n}, {1: n}, {1: n}, None, None, None, tuple([{2: s}] * (2 * layers)))),  # *kv: one tuple
+    ]
+    with torch.inference_mode():
+        return {name: torch.export.export(program, inputs, dynamic_shapes=dynamic)
+                for name, program, inputs, dynamic in programs}
+
+
+def export_meta(trained: Trained, max_history: int, calibration: Calibration | None = None) -> dict:
+    """The ``export.json`` of the programs of ``trained`` for histories of <= ``max_history``."""
+    model, spec = trained.model, trained.spec
+    return {
+        "checkpoint": str(trained.checkpoint),
+        "device": next(model.parameters()).device.type,
+        "torch": torch.__version__,
+        "id_features": list(spec.id_features),
+        "id_table_sizes": dict(spec.id_table_sizes),
+        "categorical": list(spec.read.categorical),
+        "context": list(spec.read.context),
+        "dense": list(spec.read.dense),  # absent from exports made before dense features: none
+        "action_names": list(spec.read.action_names),
+        "tasks": [{"name": task.name, "actions": list(task.actions), "group": task.group} for task in spec.tasks],
+        "session_gap_s": spec.session_gap_s,
+        "layers": len(model.transformer.blocks),
+        "max_history": max_history,
+        "trained_max_history": trained.config.data.max_seq_len - 1,
+        "min_history": 2,
+        "calibration": None if calibration is None else calibration.to_dict(),
+    }
 
 
 def export(trained: Trained, out: Path, calibration: Calibration | None = None, progress=print,
@@ -128,56 +193,19 @@ def export(trained: Trained, out: Path, calibration: Calibration | None = None, 
     """Export, compile and write both programs and ``export.json`` to ``out``; returns the meta.
     ``max_history``: the longest history the programs take (default: the trained windows',
     ``max_seq_len - 1``; longer only with RoPE, see ``scorer.max_history``)."""
-    check_exportable(trained)
-    model, spec = trained.model, trained.spec
-    device = next(model.parameters()).device
-    trained_max = trained.config.data.max_seq_len - 1
-    try:
-        max_history = longest_history(model, trained_max, max_history)
-    except ValueError as e:
-        raise ExportError(f"{trained.checkpoint}: {e}") from None
-    if max_history < 2:
-        raise ExportError(f"--max-history {max_history}: the exported history program takes >= 2 impressions")
-    history, candidates = example_inputs(trained, min(8, max_history), 5, device)
-    t = torch.export.Dim("history", min=2, max=max_history)
-    # the candidates' cache: 2 tokens per impression, 2 for a one-impression history (the runner
-    # cuts the copy it pads such a history with, see exported.py)
-    s = torch.export.Dim("history_tokens", min=2, max=2 * max_history)
-    n = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
-    layers = len(model.transformer.blocks)
+    max_history = exportable_history(trained, max_history)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    programs = trace(trained, max_history)
+    progress(f"export: traced {', '.join(programs)} ({time.perf_counter() - start:.0f} s)")
     with torch.inference_mode():
-        programs = [
-            (HISTORY_PROGRAM, HistoryProgram(model, len(spec.read.action_names)), history,
-             ({2: t}, {1: t}, {1: t}, {1: t})),
-            (CANDIDATE_PROGRAM, CandidateProgram(model), candidates,
-             ({2: n}, {1: n}, {1: n}, None, None, None, tuple([{2: s}] * (2 * layers)))),  # *kv: one tuple
-        ]
-        for name, program, inputs, dynamic in programs:
-            exported = torch.export.export(program, inputs, dynamic_shapes=dynamic)
+        for name, exported in programs.items():
             # dynamic_threads: the kernels use the thread count of the process that runs them
             # (torch.set_num_threads), not the one of the process that compiled them
             with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(out / name))
             progress(f"export: compiled {name} ({time.perf_counter() - start:.0f} s)")
-    meta = {
-        "checkpoint": str(trained.checkpoint),
-        "device": device.type,
-        "torch": torch.__version__,
-        "id_features": list(spec.id_features),
-        "id_table_sizes": dict(spec.id_table_sizes),
-        "categorical": list(spec.read.categorical),
-        "context": list(spec.read.context),
-        "action_names": list(spec.read.action_names),
-        "tasks": [{"name": task.name, "actions": list(task.actions), "group": task.group} for task in spec.tasks],
-        "session_gap_s": spec.session_gap_s,
-        "layers": layers,
-        "max_history": max_history,
-        "trained_max_history": trained_max,
-        "min_history": 2,
-        "calibration": None if calibration is None else calibration.to_dict(),
-    }
+    meta = export_meta(trained, max_history, calibration)
     (out / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta

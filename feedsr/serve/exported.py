@@ -22,7 +22,7 @@ import torch
 
 from feedsr.data.batch import BatchSpec
 from feedsr.data.reader import ReadSpec
-from feedsr.data.schema import CONTEXT_PREFIX, UNKNOWN_POSITION
+from feedsr.data.schema import CONTEXT_PREFIX, DENSE_PREFIX, UNKNOWN_POSITION
 from feedsr.data.tasks import Task
 from feedsr.eval.calibration import Calibration
 
@@ -53,20 +53,35 @@ class ExportedScorer:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory}: no {EXPORT_META}: not a folder written by "
                                     "`python -m feedsr.serve export`")
-        self.meta = json.loads(meta_path.read_text())
+        self._setup(json.loads(meta_path.read_text()),
+                    torch._inductor.aoti_load_package(str(directory / HISTORY_PROGRAM)),
+                    torch._inductor.aoti_load_package(str(directory / CANDIDATE_PROGRAM)), device, str(meta_path))
+
+    @classmethod
+    def of_programs(cls, meta: dict, history_program, candidate_program, device: str = "cpu") -> ExportedScorer:
+        """The runner over programs held in memory instead of an export folder's: callables with
+        the compiled programs' inputs and outputs, e.g. ``torch.export``'s traced programs
+        (``ExportedProgram.module()``, ``export.trace``) to check them without compiling."""
+        scorer = cls.__new__(cls)
+        scorer._setup(meta, history_program, candidate_program, device, "the export meta")
+        return scorer
+
+    def _setup(self, meta: dict, history_program, candidate_program, device: str, source: str) -> None:
+        self.meta = meta
         self.device = torch.device(device)
-        self.history_program = torch._inductor.aoti_load_package(str(directory / HISTORY_PROGRAM))
-        self.candidate_program = torch._inductor.aoti_load_package(str(directory / CANDIDATE_PROGRAM))
+        self.history_program, self.candidate_program = history_program, candidate_program
         self.features, self.context = self.meta["id_features"], self.meta["context"]
+        self.dense = self.meta.get("dense", [])  # exports made before dense features: none
         self.tasks = [t["name"] for t in self.meta["tasks"]]
         record = self.meta.get("calibration")
-        self.calibration = None if record is None else Calibration.from_dict(record, str(meta_path))
+        self.calibration = None if record is None else Calibration.from_dict(record, source)
 
     @property
     def spec(self) -> BatchSpec:
         """The BatchSpec of the exported model's inputs (to read requests with)."""
         m = self.meta
-        read = ReadSpec(tuple(m["action_names"]), tuple(m["categorical"]), tuple(m["context"]))
+        read = ReadSpec(tuple(m["action_names"]), tuple(m["categorical"]), tuple(m["context"]),
+                        dense=tuple(self.dense))
         tasks = tuple(Task(t["name"], tuple(t["actions"]), t["group"]) for t in m["tasks"])
         return BatchSpec(read, tasks, dict(m["id_table_sizes"]), m["session_gap_s"])
 
@@ -76,14 +91,17 @@ class ExportedScorer:
     def _ids(self, columns: dict[str, np.ndarray]) -> torch.Tensor:
         return self._tensor(np.stack([np.asarray(columns[f], np.int64) for f in self.features])[:, None], torch.int64)
 
-    def _context(self, columns: dict[str, np.ndarray], n: int) -> torch.Tensor:
-        values = [np.asarray(columns[CONTEXT_PREFIX + c], np.float32) for c in self.context]
+    def _numbers(self, columns: dict[str, np.ndarray], n: int) -> torch.Tensor:
+        """(1, n, C + E): the context features, then the dense ones (the programs' one input)."""
+        names = [CONTEXT_PREFIX + c for c in self.context] + [DENSE_PREFIX + c for c in self.dense]
+        values = [np.asarray(columns[c], np.float32) for c in names]
         stacked = np.stack(values, axis=1) if values else np.zeros((n, 0), np.float32)
         return self._tensor(stacked[None], torch.float32)
 
     def encode(self, history: dict[str, np.ndarray]) -> ExportedCache:
-        """One member's history, oldest first: ``timestamps``, ``action_bits``, every id feature and
-        ``ctx_<name>`` as (L,) arrays; at most ``max_history`` impressions (the newest are kept).
+        """One member's history, oldest first: ``timestamps``, ``action_bits``, every id feature,
+        ``dense_<name>`` and ``ctx_<name>`` as (L,) arrays; at most ``max_history`` impressions
+        (the newest are kept).
 
         A one-impression history is encoded with a copy of it appended (the program takes >= 2):
         the history attends causally, so the first impression's keys and values do not see the
@@ -98,21 +116,21 @@ class ExportedScorer:
             columns = {k: np.concatenate([v, v[-1:]]) for k, v in columns.items()}
         with torch.inference_mode():
             kv = self.history_program(self._ids(columns), self._tensor(columns["action_bits"][None], torch.int64),
-                                      self._context(columns, len(columns["timestamps"])),
+                                      self._numbers(columns, len(columns["timestamps"])),
                                       self._tensor(columns["timestamps"][None], torch.int64))
         # contiguous, as the candidate program was traced with (see HistoryProgram)
         return ExportedCache(tuple(t[:, :, :2 * length].contiguous() for t in kv), length,
                              int(columns["timestamps"][0]))
 
     def score(self, cache: ExportedCache, candidates: dict[str, np.ndarray], request_time: int) -> np.ndarray:
-        """(N, K) probabilities of N candidates (every id feature and ``ctx_<name>`` as (N,)
-        arrays, optionally ``positions``) shown at ``request_time``; calibrated when the export
-        holds a calibration."""
+        """(N, K) probabilities of N candidates (every id feature, ``dense_<name>`` and
+        ``ctx_<name>`` as (N,) arrays, optionally ``positions``) shown at ``request_time``;
+        calibrated when the export holds a calibration."""
         n = len(candidates[self.features[0]])
         positions = np.asarray(candidates.get("positions", np.full(n, UNKNOWN_POSITION)), np.int64)
         with torch.inference_mode():
             probs = self.candidate_program(
-                self._ids(candidates), self._context(candidates, n), self._tensor(positions[None], torch.int64),
+                self._ids(candidates), self._numbers(candidates, n), self._tensor(positions[None], torch.int64),
                 self._tensor(np.array([cache.length]), torch.int64),
                 self._tensor(np.array([request_time]), torch.int64),
                 self._tensor(np.array([cache.origin]), torch.int64), *cache.kv)

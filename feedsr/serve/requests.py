@@ -2,17 +2,19 @@
 
 A request file holds one row per request: a member's history in the training schema
 (``feedsr/data/schema.py``: ``member_id``, ``item_ids``, ``author_ids``, ``timestamps``,
-``positions``, ``action_bits``, ``cat_<name>``, ``ctx_<name>``, oldest first; ``num_targets`` may
-be left out: it is ignored), plus
+``positions``, ``action_bits``, ``cat_<name>``, ``dense_<name>``, ``ctx_<name>``, oldest first;
+``num_targets`` may be left out: it is ignored), plus
 
 - ``request_time``: int, seconds since the epoch, when the candidates are shown: at or after the
   history's last impression;
 - the candidates, one list column per feature the model reads, the history's column name after
   ``cand_``: ``cand_item_ids``, ``cand_author_ids``, ``cand_cat_<name>`` (list<int>, ids as in the
-  prepared data: ``vocab.json`` maps raw ids to them), ``cand_ctx_<name>`` (list<float>, the
-  candidate's context features as of the request), and optionally ``cand_positions`` (the feed
-  slot, read only by a model that scores at the logged position; default -1). All of a row's
-  candidate lists have the same length (0 is allowed: that request gets no scores).
+  prepared data: ``vocab.json`` maps raw ids to them), ``cand_dense_<name>`` (list<float>, the
+  candidate post's dense features: its numbers in the post token, e.g. a content embedding),
+  ``cand_ctx_<name>`` (list<float>, the candidate's context features as of the request), and
+  optionally ``cand_positions`` (the feed slot, read only by a model that scores at the logged
+  position; default -1). All of a row's candidate lists have the same length (0 is allowed: that
+  request gets no scores); dense and context values must be finite.
 
 Columns the model does not read may be present and are ignored. Errors name the file, the column
 and the row, as for training data. The history is cut to its newest impressions that fit the
@@ -37,11 +39,20 @@ import pyarrow.parquet as pq
 from feedsr.data.batch import BatchSpec
 from feedsr.data.block import SequenceBlock
 from feedsr.data.reader import ReadSpec, table_block
-from feedsr.data.schema import CONTEXT_PREFIX, UNKNOWN_POSITION, DataError, check_schema, column_kind
-from feedsr.serve.candidates import Candidates
+from feedsr.data.schema import (
+    CONTEXT_PREFIX,
+    DENSE_PREFIX,
+    UNKNOWN_POSITION,
+    DataError,
+    check_schema,
+    column_kind,
+)
+from feedsr.serve.candidates import Candidates, candidate_features
 
 CANDIDATE_PREFIX = "cand_"
 REQUEST_TIME = "request_time"
+# The candidates' float columns (after ``cand_``): read as float32, every value finite.
+NUMERIC_PREFIXES = (DENSE_PREFIX, CONTEXT_PREFIX)
 
 
 @dataclass
@@ -55,12 +66,12 @@ class Requests:
 
 def candidate_columns(spec: BatchSpec) -> list[str]:
     """The candidate columns a model with ``spec`` needs."""
-    return [CANDIDATE_PREFIX + c for c in spec.id_features + [CONTEXT_PREFIX + c for c in spec.read.context]]
+    return [CANDIDATE_PREFIX + c for c in candidate_features(spec)]
 
 
 def history_spec(spec: BatchSpec) -> ReadSpec:
     """The history columns to read (no true probabilities: requests have no labels)."""
-    return ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context)
+    return ReadSpec(spec.read.action_names, spec.read.categorical, spec.read.context, dense=spec.read.dense)
 
 
 def check_request_schema(path: Path, schema: pa.Schema, spec: BatchSpec) -> list[str]:
@@ -148,10 +159,10 @@ def read_candidates(table: pa.Table, columns: list[str], history: SequenceBlock,
             raise fail(row, f"column '{name}' has {lengths[row]} candidates but '{first}' has {counts[row]}")
         flat = column.flatten().to_numpy(zero_copy_only=False)
         feature = name[len(CANDIDATE_PREFIX):]
-        values[feature] = flat.astype(np.float32 if feature.startswith(CONTEXT_PREFIX) else np.int64)
+        values[feature] = flat.astype(np.float32 if feature.startswith(NUMERIC_PREFIXES) else np.int64)
     owner = np.repeat(np.arange(len(counts)), counts)
     for feature, flat in values.items():
-        if feature.startswith(CONTEXT_PREFIX):
+        if feature.startswith(NUMERIC_PREFIXES):
             bad, what = ~np.isfinite(flat), "a non-finite value"
         elif feature == "positions":
             bad, what = flat < UNKNOWN_POSITION, f"a value below {UNKNOWN_POSITION}"

@@ -80,7 +80,8 @@ class CandidateScorer:
 
     Args:
         model: a ``FeedSR`` from ``build_model`` (plain TorchRec ``EmbeddingCollection``).
-        spec: the ``BatchSpec`` the model was trained with (id features, context, tasks).
+        spec: the ``BatchSpec`` the model was trained with (id features, dense and context
+            features, tasks).
 
     Example::
 
@@ -221,7 +222,7 @@ class CandidateScorer:
     def _candidate_tokens(self, candidates: Batch, place: Placement) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (B, N, D) candidate post tokens and their (B, N) mask."""
         model = self.model
-        x = model.post_tokens(candidates.sparse, candidates.context)  # (N, D)
+        x = model.post_tokens(candidates.sparse, candidates.context, candidates.dense)  # (N, D)
         if model.abs_positions is not None:
             x = x + model.abs_positions(place.index).repeat_interleave(candidates.lengths, dim=0)
         return pad_jagged(x, candidates.lengths, int(candidates.lengths.max()))
