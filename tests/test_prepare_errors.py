@@ -204,3 +204,44 @@ def test_output_never_overwrites_a_users_directory(tmp_path):
     (tmp_path / "out" / "part-00000-c000.snappy.parquet").unlink()
     meta, _, _ = prepare(tmp_path, log_table())  # empty now: prepared, and again over its own output
     assert prepare(tmp_path, log_table())[0]["splits"] == meta["splits"]
+
+
+def dense_columns(**extra) -> dict:
+    """The test config's log columns with a dense feature (``columns.dense``) read from 'emb'."""
+    columns = {"member": "member_id", "item": "item_id", "timestamp": "ts", "author": "author_id",
+               "position": "position", "actions": {"click": "click", "like": "like", "share": "share"},
+               "categoricals": {"surface": "surface"}, "dense": {"emb_0": "emb"}}
+    return columns | extra
+
+
+def test_dense_columns_reach_the_dataset_as_numbers_in_order(tmp_path):
+    """columns.dense: each named log column becomes dense_<name>, value for value, listed in dataset.json."""
+    n = len(make_log()["ts"])
+    emb = np.linspace(-2.0, 3.0, n)
+    meta, _, _ = prepare(tmp_path, log_table(emb=emb), columns=dense_columns())
+    assert meta["dense"] == ["emb_0"] and "emb_0" not in meta["context"]
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "out" / "train").glob("*.parquet")))
+    assert table.schema.field("dense_emb_0").type == pa.list_(pa.float32())
+    stored = np.sort(np.concatenate(table["dense_emb_0"].to_numpy(zero_copy_only=False)))
+    np.testing.assert_allclose(stored, np.sort(emb.astype(np.float32)))  # every impression, once
+
+
+@pytest.mark.parametrize("emb, pattern", [
+    (None, r"log\.parquet: missing column 'emb' \(columns\.dense\.emb_0\)"),
+    ("strings", r"log\.parquet: column 'emb' \(columns\.dense\.emb_0\) has type VARCHAR, expected a numeric type"),
+    ("null", r"log\.parquet: column 'emb' has 1 null values"),
+])
+def test_bad_dense_column_names_the_file_and_column(tmp_path, emb, pattern):
+    n = len(make_log()["ts"])
+    values = {None: None, "strings": np.array(["x"] * n),
+              "null": pa.array([None] + [0.5] * (n - 1), pa.float64())}[emb]
+    table = log_table() if values is None else log_table(emb=values)
+    with pytest.raises(PrepareError, match=pattern):
+        prepare(tmp_path, table, columns=dense_columns())
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_dense_names_are_checked(tmp_path):
+    with pytest.raises(PrepareError, match=r"dense names"):
+        prepare(tmp_path, log_table(emb=np.zeros(len(make_log()["ts"]))),
+                columns=dense_columns(dense={"not an identifier": "emb"}))

@@ -55,6 +55,10 @@ class ColumnsConfig:
     # Per-impression numbers the log already holds, valued as of the impression (a content score,
     # an observed quality): name -> numeric column, written as ``ctx_<name>`` unchanged.
     numeric: dict[str, str] = field(default_factory=dict)
+    # Per-impression numbers that describe the post itself (a content embedding, one column per
+    # dimension): name -> numeric column, written as ``dense_<name>``; they enter the post token,
+    # and so the history, where ``ctx_`` numbers are fused late, for the candidate only.
+    dense: dict[str, str] = field(default_factory=dict)
     # The true probability of each action where it is known (synthetic logs: the oracle):
     # action -> numeric column, written as ``true_<action>``.
     true_probs: dict[str, str] = field(default_factory=dict)
@@ -265,7 +269,8 @@ class PrepareConfig:
         return {role: t for role, t in tables.items() if t is not None}
 
     def _check_names(self) -> None:
-        for kind, names in (("categorical", self.categorical_names()), ("context", self.context_names())):
+        for kind, names in (("categorical", self.categorical_names()), ("context", self.context_names()),
+                            ("dense", list(self.columns.dense))):
             require(len(set(names)) == len(names), f"{kind} names", names,
                     "distinct across columns.categoricals, the side tables and features")
             require(all(n.isidentifier() for n in names), f"{kind} names", names,

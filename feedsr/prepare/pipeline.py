@@ -39,7 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from feedsr.data.output import claim
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, TRUE_PROB_PREFIX, UNKNOWN_POSITION, DataError
+from feedsr.data.schema import (
+    CATEGORICAL_PREFIX,
+    CONTEXT_PREFIX,
+    DENSE_PREFIX,
+    TRUE_PROB_PREFIX,
+    UNKNOWN_POSITION,
+    DataError,
+)
 from feedsr.data.sequences import DATASET_META, SplitWriter, check_log, write_dataset_meta
 from feedsr.data.tasks import encode_actions
 from feedsr.data.vocab import VOCAB_SIZES, UNKNOWN_ID, apply_vocab, build_vocab, vocab_size, write_vocabs
@@ -124,6 +131,7 @@ def events_sql(cfg: PrepareConfig, engine) -> str:
                  for i, a in enumerate(c.actions)]
     cols += [f"{log(col)} AS {quote('cat_' + n)}" for n, col in c.categoricals.items()]
     cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(CONTEXT_PREFIX + n)}" for n, col in c.numeric.items()]
+    cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(DENSE_PREFIX + n)}" for n, col in c.dense.items()]
     cols += [f"CAST({log(col)} AS DOUBLE) AS {quote(TRUE_PROB_PREFIX + a)}" for a, col in c.true_probs.items()]
     joins = ""
     for role, table in cfg.side_tables().items():
@@ -294,6 +302,8 @@ def to_log(table: pa.Table, cfg: PrepareConfig, vocabs: dict[str, np.ndarray]) -
     log |= ids
     for name in cfg.context_names():
         log[CONTEXT_PREFIX + name] = table[CONTEXT_PREFIX + name].to_numpy().astype(np.float32)
+    for name in cfg.columns.dense:
+        log[DENSE_PREFIX + name] = table[DENSE_PREFIX + name].to_numpy().astype(np.float32)
     for action in cfg.columns.true_probs:
         log[TRUE_PROB_PREFIX + action] = table[TRUE_PROB_PREFIX + action].to_numpy().astype(np.float32)
     return log
@@ -400,6 +410,7 @@ def dataset_meta(cfg: PrepareConfig, counts: dict, vocabs: dict, dropped: dict) 
         "action_names": list(cfg.columns.actions),
         "categorical": cfg.categorical_names(),
         "context": cfg.context_names(),
+        "dense": list(cfg.columns.dense),
         "true_probs": list(cfg.columns.true_probs),
         VOCAB_SIZES: {column: vocab_size(values) for column, values in vocabs.items()},
         "splits": counts,

@@ -45,6 +45,7 @@ def log_roles(cfg: PrepareConfig) -> list[tuple[str, str, str]]:
     roles += [(f"columns.actions.{a}", col, "action") for a, col in c.actions.items() if col is not None]
     roles += [(f"columns.categoricals.{n}", col, "key") for n, col in c.categoricals.items()]
     roles += [(f"columns.numeric.{n}", col, "numeric") for n, col in c.numeric.items()]
+    roles += [(f"columns.dense.{n}", col, "numeric") for n, col in c.dense.items()]
     roles += [(f"columns.true_probs.{a}", col, "numeric") for a, col in c.true_probs.items()]
     return roles
 
@@ -71,7 +72,7 @@ def check_columns(path: str, types: dict[str, str], roles: list[tuple[str, str, 
 def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
     c = cfg.columns
-    keys = [c.member, c.item, c.timestamp, *c.numeric.values(), *c.true_probs.values()]
+    keys = [c.member, c.item, c.timestamp, *c.numeric.values(), *c.dense.values(), *c.true_probs.values()]
     actions = [col for col in c.actions.values() if col is not None]
     exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
     exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]

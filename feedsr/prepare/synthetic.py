@@ -6,7 +6,9 @@ The config maps the simulated log's columns to roles: post ids, authors and the 
 get vocabularies from the training window like any log's (a post first shown in valid or test is
 unknown, id 0); the observed quality and the post age are per-impression numbers passed through
 as ``ctx_post_quality`` / ``ctx_post_age``; ``ctx_author_affinity`` is a point-in-time feature,
-log1p of the member's earlier clicks on the author; the true probabilities become ``true_*``.
+log1p of the member's earlier clicks on the author; the content embedding (the post's topic
+vector) becomes ``dense_content_<i>``, numbers in the post token; the true probabilities become
+``true_*``. The log's ``term_*`` columns (ground truth for ``probs_without``) stay in the log.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def prepare_config(sim: Simulation, out: Path, max_seq_len: int) -> PrepareConfi
         actions={a: a for a in ACTION_NAMES},
         categoricals={"post_type": "post_type", "surface": "surface"},
         numeric={"post_quality": "post_quality", "post_age": "post_age"},
+        dense={c: c for c in sim.config.content_columns},
         true_probs={a: TRUE_PROB_PREFIX + a for a in ACTION_NAMES},
     )
     affinity = FeatureConfig(name="author_affinity", kind="action_count", keys=["member", "author"],
