@@ -1,5 +1,7 @@
 """The synthetic generator and its dataset (the simulated log through feedsr.prepare):
-determinism, the on-disk schema, and the planted effects."""
+determinism, the on-disk schema, the planted effects, and the benchmark world
+(feedsr/conf/data/synthetic_bench.yaml): long histories and history effects at three time
+scales, each of which the oracle needs."""
 
 from __future__ import annotations
 
@@ -11,10 +13,20 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 
 from feedsr.data.schema import SEQUENCE_COLUMNS, check_schema, file_action_names
 from feedsr.data.sequences import read_dataset_meta
-from feedsr.data.synthetic import ACTION_NAMES, LATENTS_FILE, LOG_FILE, SyntheticConfig, load_targets
+from feedsr.data.synthetic import (
+    ACTION_NAMES,
+    HISTORY_TERMS,
+    LATENTS_FILE,
+    LOG_FILE,
+    SyntheticConfig,
+    load_targets,
+    probs_without,
+    write_log,
+)
 from feedsr.data.vocab import read_vocabs
 from feedsr.data.tasks import decode_actions
 from feedsr.eval.metrics import roc_auc
@@ -28,7 +40,7 @@ SPLITS = ("train", "valid", "test")
 LOG_COLUMNS = [
     "member_id", "timestamps", "item_ids", "author_ids", "positions", "action_bits",
     "ctx_author_affinity", "ctx_post_age",
-] + [f"true_{a}" for a in ACTION_NAMES]
+] + [f"true_{a}" for a in ACTION_NAMES] + [f"dense_content_{i}" for i in range(SyntheticConfig().dim)]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +106,7 @@ def test_metadata(dataset):
     assert meta["action_names"] == list(ACTION_NAMES)
     assert meta["categorical"] == ["post_type", "surface"]
     assert meta["true_probs"] == list(ACTION_NAMES)
+    assert meta["dense"] == SyntheticConfig().content_columns
     assert meta["num_members"] == NUM_MEMBERS and meta["max_seq_len"] == MAX_SEQ_LEN
     assert SyntheticConfig(**meta["config"]) == SyntheticConfig()  # the config round-trips
     assert set(meta["splits"]) == set(SPLITS)
@@ -115,6 +128,7 @@ def test_files_match_the_schema(dataset):
     out, meta = dataset
     expected = {c.name for c in SEQUENCE_COLUMNS}
     expected |= {f"cat_{n}" for n in meta["categorical"]}
+    expected |= {f"dense_{n}" for n in meta["dense"]}
     expected |= {f"ctx_{n}" for n in meta["context"]}
     expected |= {f"true_{n}" for n in meta["true_probs"]}
     for split in SPLITS:
@@ -187,6 +201,13 @@ def test_bad_parameters_name_the_value(tmp_path):
         SyntheticConfig(action_biases=(0.0, 1.0))
     with pytest.raises(ValueError, match="dim must be int.*'8'"):
         SyntheticConfig(dim="8")
+    with pytest.raises(ValueError, match="fatigue_decay.*1.0"):
+        SyntheticConfig(fatigue_decay=1.0)
+    with pytest.raises(ValueError, match="long_scale.*-1"):
+        SyntheticConfig(long_scale=-1.0)
+    with pytest.raises(ValueError, match="5000 impressions .* do not fit in num_days=30"):
+        SyntheticConfig(max_impressions=5000)  # 5000 gaps of up to 600 s are 35 days
+    SyntheticConfig(max_impressions=1000)  # fits: the session gap is reserved per session
 
 
 # --- planted effects -----------------------------------------------------------------------
@@ -249,6 +270,175 @@ def test_rare_actions_are_rare_but_present(log):
     assert rates["click"] > rates["like"] > rates["comment"]
 
 
+# --- the benchmark world: history at three time scales ------------------------------------
+
+BENCH_MEMBERS = 2000
+
+
+def bench_params(**overrides) -> dict:
+    """The generator parameters of feedsr/conf/data/synthetic_bench.yaml (without its size)."""
+    generate = OmegaConf.to_container(OmegaConf.load(ROOT / "feedsr/conf/data/synthetic_bench.yaml").generate)
+    del generate["num_members"], generate["seed"]
+    return {**generate, **overrides}
+
+
+def simulate(out, num_members: int, **params):
+    """(config, raw log sorted by (member, time), latents) of a simulated log."""
+    sim = write_log(out, num_members, seed=0, **params)
+    return sim.config, raw_log(out), np.load(sim.latents_path)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("bench"), BENCH_MEMBERS, **bench_params())
+
+
+def click_auc(probs: np.ndarray, log) -> float:
+    return roc_auc(probs, log["click"].astype(bool))
+
+
+def test_every_history_effect_is_needed_by_the_oracle(bench):
+    cfg, log, _ = bench
+    full = click_auc(log["true_click"], log)
+    for term in HISTORY_TERMS:
+        without = click_auc(probs_without(log, cfg, [term])[:, 0], log)
+        assert full - without > 0.004, (term, full, without)  # ~0.037 seq, 0.009 long, 0.007 fatigue
+
+
+def test_no_history_free_model_reaches_the_oracle(bench):
+    cfg, log, _ = bench
+    full = click_auc(log["true_click"], log)
+    assert full - click_auc(probs_without(log, cfg, HISTORY_TERMS)[:, 0], log) > 0.03  # ~0.05
+
+
+def test_removing_nothing_or_a_switched_off_term_changes_nothing(bench, dataset):
+    cfg, log, _ = bench
+    true = np.stack([log[f"true_{a}"] for a in ACTION_NAMES], axis=1)
+    np.testing.assert_allclose(probs_without(log, cfg, []), true, rtol=1e-5, atol=1e-9)
+    # The default world has neither the long-range state nor fatigue.
+    default = raw_log(dataset[0])
+    assert not default["term_long"].any() and not default["term_fatigue"].any()
+    true = np.stack([default[f"true_{a}"] for a in ACTION_NAMES], axis=1)
+    np.testing.assert_allclose(probs_without(default, SyntheticConfig(), ["long", "fatigue"]), true,
+                               rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown history term.*'boredom'"):
+        probs_without(log, cfg, ["boredom"])
+
+
+def reference_terms(cfg: SyntheticConfig, log, post_vec: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The history terms of one member's impressions ``rows`` (time order), one at a time as
+    the module docstring states them: the plain reference of the vectorized walk."""
+    engaged, active, seen = np.zeros(cfg.dim), np.zeros(cfg.dim), np.zeros(cfg.dim)
+    active_weight = 0.0
+    out = []
+    for i in rows:
+        v = post_vec[log["post_id"][i]]
+        long = active @ v / active_weight if active_weight > 0 else 0.0
+        out.append([cfg.seq_scale * engaged @ v, cfg.long_scale * long,
+                    -cfg.fatigue_scale * max(seen @ v - cfg.fatigue_threshold, 0.0)])
+        is_active = any(log[a][i] for a in ("like", "comment", "share"))
+        engaged = cfg.seq_decay * engaged + (log["click"][i] or log["like"][i]) * v
+        active = cfg.long_decay * active + is_active * v
+        active_weight = cfg.long_decay * active_weight + is_active
+        seen = cfg.fatigue_decay * seen + v
+    return np.array(out)
+
+
+def test_history_terms_follow_the_model(bench):
+    cfg, log, latents = bench
+    counts = np.bincount(log["member_id"])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    longest = np.argsort(-counts, kind="stable")[:3]  # members at the 1000-impression cap
+    for m in [*longest, *range(20)]:
+        rows = np.arange(starts[m], starts[m] + counts[m])
+        logged = np.stack([log[f"term_{t}"][rows] for t in HISTORY_TERMS], axis=1)
+        np.testing.assert_allclose(logged, reference_terms(cfg, log, latents["post_vec"], rows),
+                                   rtol=1e-4, atol=1e-5, err_msg=f"member {m}")
+
+
+def streak_click_gap(log, post_vec: np.ndarray) -> float:
+    """Click rate right after two impressions of the post's topic (cosine > 0.5, lags 1 and 2)
+    minus the rate when the same two came 8 and 9 impressions earlier (and none of the last
+    three): the same history in another order."""
+    member, vec = log["member_id"], post_vec[log["post_id"]]
+
+    def similar_at(lag: int) -> np.ndarray:
+        out = np.zeros(len(member), dtype=bool)
+        cosine = np.einsum("nd,nd->n", vec[lag:], vec[:-lag])
+        out[lag:] = (member[lag:] == member[:-lag]) & (cosine > 0.5)
+        return out
+
+    recent = similar_at(1) & similar_at(2)
+    earlier = similar_at(8) & similar_at(9) & ~similar_at(1) & ~similar_at(2) & ~similar_at(3)
+    assert recent.sum() > 1000 and earlier.sum() > 1000
+    clicks = log["click"].astype(bool)
+    return clicks[recent].mean() - clicks[earlier].mean()
+
+
+def test_fatigue_depends_on_the_order_of_the_history(bench, tmp_path):
+    # Without fatigue, recent same-topic posts raise clicks (the engagement state); with it they
+    # lower them, while the same posts further back do not weigh.
+    _, log, latents = bench
+    with_fatigue = streak_click_gap(log, latents["post_vec"])
+    _, log_off, latents_off = simulate(tmp_path, BENCH_MEMBERS, **bench_params(fatigue_scale=0.0))
+    without = streak_click_gap(log_off, latents_off["post_vec"])
+    assert with_fatigue < -0.03 and without > 0.03, (with_fatigue, without)  # ~-0.075, ~+0.06
+
+
+def check_timeline(cfg: SyntheticConfig, log) -> None:
+    """Timestamps strictly increase within a member and stay in the window; a new session (feed
+    position 0) starts at least min_session_gap_s after the last impression, and impressions
+    inside a session are at most max_within_gap_s apart."""
+    t, member, position = log["timestamp"], log["member_id"], log["position"]
+    assert t.min() >= cfg.start_time and t.max() < cfg.start_time + cfg.window_s
+    same = member[1:] == member[:-1]
+    gap, opens = np.diff(t)[same], position[1:][same] == 0
+    assert np.all(gap > 0)
+    assert np.all(gap[opens] >= cfg.min_session_gap_s)
+    assert np.all(gap[~opens] <= cfg.max_within_gap_s)
+
+
+def test_benchmark_histories_are_skewed_up_to_1000(bench):
+    cfg, log, _ = bench
+    counts = np.bincount(log["member_id"], minlength=BENCH_MEMBERS)
+    assert counts.min() >= 10 and counts.max() == 1000
+    assert (counts == 1000).sum() >= 10  # ~1.2% of members
+    assert np.median(counts) < 150  # ~107
+    check_timeline(cfg, log)
+
+
+def test_sessions_fit_even_when_every_impression_opens_one(tmp_path):
+    # Each impression its own session: 1000 hour-long gaps exceed 30 days, so a member's
+    # sessions stop at max_sessions and the rest join the last one.
+    cfg, log, _ = simulate(tmp_path, 20, session_mean_len=1.0, min_impressions=1000, max_impressions=1000)
+    assert cfg.max_sessions == 553
+    sessions = np.bincount(log["member_id"], weights=log["position"] == 0)
+    assert np.all(sessions == cfg.max_sessions)
+    check_timeline(cfg, log)
+
+
+def test_content_columns_are_the_post_vectors(dataset, tmp_path):
+    cfg = SyntheticConfig()
+    log, latents = raw_log(dataset[0]), np.load(dataset[0] / LATENTS_FILE)
+    content = np.stack([log[c] for c in cfg.content_columns], axis=1)
+    assert content.dtype == np.float32 and content.shape[1] == cfg.dim
+    np.testing.assert_array_equal(content, latents["post_vec"][log["post_id"]].astype(np.float32))
+    # ... and reach the dataset as the dense feature family, impression by impression.
+    dataset_log = full_log(dataset[0])
+    assert np.array_equal(dataset_log["timestamps"], log["timestamp"])
+    dense = np.stack([dataset_log[f"dense_{c}"] for c in cfg.content_columns], axis=1)
+    np.testing.assert_array_equal(dense, content)
+
+    noisy_cfg, noisy, noisy_latents = simulate(tmp_path, NUM_MEMBERS, content_noise=0.1)
+    noisy_content = np.stack([noisy[c] for c in noisy_cfg.content_columns], axis=1)
+    # A post's embedding is blurred once: every impression of it shows the same numbers.
+    np.testing.assert_array_equal(noisy_content, noisy_latents["post_content"][noisy["post_id"]])
+    residual = noisy_content - noisy_latents["post_vec"][noisy["post_id"]]
+    assert 0.09 < residual.std() < 0.11
+    # The noise is drawn last: the world itself is the same as without it.
+    np.testing.assert_array_equal(noisy["true_click"], log["true_click"])
+
+
 # --- the script -----------------------------------------------------------------------------
 
 
@@ -263,9 +453,29 @@ def test_make_synthetic_prints_the_oracle_auc_of_the_test_split(tmp_path):
     test = load_targets(out, "test", ["action_bits"] + [f"true_{a}" for a in ACTION_NAMES])
     labels = decode_actions(test["action_bits"], len(ACTION_NAMES))
     oracle = [roc_auc(test[f"true_{a}"], labels[:, i]) for i, a in enumerate(ACTION_NAMES)]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("test: oracle AUC"))
-    np.testing.assert_allclose([float(v) for v in line.split()[3:]], oracle, atol=5e-5)
+    lines = {x[:46].strip(): [float(v) for v in x[46:].split()] for x in done.stdout.splitlines()
+             if x.startswith("test: oracle AUC")}
+    np.testing.assert_allclose(lines["test: oracle AUC"], oracle, atol=5e-5)
     assert 0.6 < oracle[0] < 1.0  # the click oracle ranks well: the AUC is not a constant
+    # Default data has only the short-term state: taking out the others changes nothing.
+    np.testing.assert_allclose(lines["test: oracle AUC, no long"], oracle, atol=5e-5)
+    np.testing.assert_allclose(lines["test: oracle AUC, no fatigue"], oracle, atol=5e-5)
+    assert lines["test: oracle AUC, no seq"][0] < oracle[0] - 0.01
+    assert lines["test: oracle AUC, no history"] == lines["test: oracle AUC, no seq"]
+
+
+def test_make_synthetic_generates_a_data_configs_world(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "scripts/make_synthetic.py"), "--data", "synthetic_bench",
+           "--out", str(out), "--num-members", "300", "--max-seq-len", "64"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    meta = read_dataset_meta(out)
+    assert meta["num_members"] == 300 and meta["max_seq_len"] == 64  # the flags override the config
+    assert SyntheticConfig(**meta["config"]) == SyntheticConfig(**bench_params())
+    lines = {x[:46].strip(): [float(v) for v in x[46:].split()] for x in done.stdout.splitlines()
+             if x.startswith("test: oracle AUC")}
+    assert lines["test: oracle AUC, no history"][0] < lines["test: oracle AUC"][0] - 0.02
 
 
 def test_generation_never_writes_over_a_users_files(tmp_path):

@@ -3,35 +3,56 @@
 A ranker is only testable end to end on data where the right answer is known. This generator
 draws every action from an explicit latent model and writes the true probabilities beside the
 labels, so evaluation can put the oracle AUC next to the model's, and so the effects a Feed-SR
-model is supposed to exploit (member history, position bias, drift over time) are planted on
-purpose and can be measured.
+model is supposed to exploit (member history at several time scales, position bias, drift over
+time) are planted on purpose and can be measured.
 
 The model, for an impression of post p (by author a) to member m at feed position k on surface s
 at time t, and for each action:
 
-    interest  = affinity_scale * (u_m . v_p) + seq_scale * (h_m . v_p)
+    interest  = affinity_scale * (u_m . v_p)
+                + seq_scale * (h_m . v_p)                                    short-term state
+                + long_scale * (g_m . v_p)                                   long-range state
+                - fatigue_scale * relu(f_m . v_p - fatigue_threshold)         fatigue
     logit     = bias + weight * interest + quality_p + type_effect[type_p]
                 + surface_effect[s] - age_weight * log1p(post age in hours)
                 + trend * (t - start) / window
     P(action) = (1 + k) ** -position_exponent * sigmoid(logit)
 
-u_m and v_p are unit topic vectors (v_p = the author's vector plus noise). h_m is the member's
-engagement state: the sum of the vectors of the posts m clicked or liked earlier, each multiplied
-by ``seq_decay`` per impression since. It is the sequential signal: only a model that reads the
-member's recent actions can know it. The decay counts impressions, not seconds, so part of the
-state outlives a session (0.8 ** 6 ~ 0.26 after a mean-length session): a model that hides the
-current session (SPEC 3, in-session leakage) still finds signal in the earlier ones. Actions are
-drawn independently given these probabilities, so ``true_<action>`` is exactly the probability
-each label was drawn with; tasks are correlated through the shared interest term.
+u_m and v_p are unit topic vectors (v_p = the author's vector plus noise). The three states are
+made of the vectors of the member's earlier posts, each weighted by its decay per impression
+since (they count impressions, not seconds), and they are the sequential signal: only a model
+that reads the member's history can know them.
+
+- h_m, the engagement state: posts m clicked or liked, decay ``seq_decay``. With 0.8, part of it
+  outlives a session (0.8 ** 6 ~ 0.26 after a mean-length session): a model that hides the
+  current session (SPEC 3, in-session leakage) still finds signal in the earlier ones.
+- g_m, the long-range state: the decayed mean (0 before the first) of the posts m liked,
+  commented on or shared, decay ``long_decay`` (0.995 keeps a third of an engagement's weight
+  200 impressions later): a topic the member engaged with hundreds of impressions ago comes back.
+  These deliberate actions are rare, so g_m holds a few topics of the member's own rather than an
+  average of everything clicked (which would mostly restate u_m). A mean, not a sum: |g_m . v_p|
+  <= 1, so engagement feeding on itself cannot run away over a 1,000-impression history.
+- f_m, the fatigue state: every post m was shown, engaged or not, with a fast decay
+  ``fatigue_decay``. Several recent impressions close to v_p push f_m . v_p over the threshold
+  and lower engagement. It depends on the order of the history, not just on what it holds: the
+  same impressions long ago weigh almost nothing, so a model that pools the history into an
+  order-free summary cannot represent it.
+
+Actions are drawn independently given these probabilities, so ``true_<action>`` is exactly the
+probability each label was drawn with; tasks are correlated through the shared interest term.
+Every factor is observable in principle: the post's vector is logged as its content embedding
+(``content_<i>``, plus ``content_noise``), its quality as ``post_quality`` (plus
+``quality_obs_noise``), and the rest as ids, categoricals, positions, times and the history.
 
 Members have lognormal numbers of impressions grouped into sessions (seconds apart inside a
 session, at least ``min_session_gap_s`` between sessions) over a window of ``num_days`` days.
 ``write_log`` writes the flat impression log (``impressions.parquet``: raw ids, the actions, the
-observed features, ``true_<action>``) and the latent vectors (``latents.npz``, so tests can
-recompute similarities); ``feedsr.prepare.synthetic.generate`` turns the log into a dataset
-through the log pipeline, as any log: train/valid/test by whole days, vocabularies from the
-training window (a post first shown later is unknown), ``ctx_author_affinity`` as a
-point-in-time feature.
+observed features, ``true_<action>``, and the history terms of the interest as ``term_<name>``
+so that ``probs_without`` can score the oracle with an effect removed) and the latent vectors
+(``latents.npz``, so tests can recompute similarities); ``feedsr.prepare.synthetic.generate``
+turns the log into a dataset through the log pipeline, as any log: train/valid/test by whole
+days, vocabularies from the training window (a post first shown later is unknown),
+``ctx_author_affinity`` as a point-in-time feature, the content embedding as ``dense_content_<i>``.
 """
 
 from __future__ import annotations
@@ -53,8 +74,13 @@ CONTEXT_NAMES = ("post_quality", "post_age", "author_affinity")
 LATENTS_FILE = "latents.npz"
 LOG_FILE = "impressions.parquet"
 DAY_S = 86_400
-# Engagements that feed the member's sequential state (clicks and likes, per the model above).
-_STATE_ACTIONS = ("click", "like")
+CONTENT_PREFIX = "content_"
+TERM_PREFIX = "term_"
+# The history-dependent terms of the interest, in the order _draw_actions computes them.
+HISTORY_TERMS = ("seq", "long", "fatigue")
+# Engagements that feed the short-term and the long-range state (per the model above).
+_SEQ_ACTIONS = ("click", "like")
+_LONG_ACTIONS = ("like", "comment", "share")
 
 
 def _is_int(x) -> bool:
@@ -69,7 +95,9 @@ def _is_real(x) -> bool:
 class SyntheticConfig:
     """The generator's knobs. With every default, the base rates come out near click 0.29,
     long_view 0.18, like 0.045, comment 0.010, share 0.006 (the biases were fitted to that by
-    measurement; changing other knobs, seq_scale above all, moves the rates).
+    measurement; changing other knobs, the history scales above all, moves the rates). The
+    long-range state and fatigue are off by default, so the default data stays cheap to learn;
+    ``feedsr/conf/data/synthetic_bench.yaml`` turns them on with long histories.
 
     Catalog:
         dim: size of the latent topic vectors.
@@ -80,11 +108,14 @@ class SyntheticConfig:
         post_type_scale: std of the per (post type, action) logit offsets.
         quality_sigma: std of the posts' intrinsic quality (a logit offset).
         quality_obs_noise: std of the noise on ``ctx_post_quality``, the observed quality.
+        content_noise: std of the per-post Gaussian noise on the logged content embedding
+            ``content_<i>`` (0 = the post's topic vector itself).
         post_history_days: posts exist from this many days before the window start.
     Members and feed:
         impressions_mean, impressions_sigma: lognormal impressions per member (mean, log-std),
             clipped to [min_impressions, max_impressions].
-        session_mean_len: mean impressions per session (geometric).
+        session_mean_len: mean impressions per session (geometric; a member's sessions are
+            capped at ``max_sessions`` so that their gaps fit in the window).
         within_gap_mean_s, max_within_gap_s: seconds between impressions inside a session.
         min_session_gap_s: least quiet time between two sessions of a member.
         follows, follow_prob: each member follows ``follows`` authors near their interests, and
@@ -95,8 +126,14 @@ class SyntheticConfig:
         action_biases, action_weights: per action (in ACTION_NAMES order), the logit bias and the
             weight of the shared interest term.
         affinity_scale: weight of the static member-post affinity in the interest.
-        seq_scale: weight of the sequential state in the interest (0 switches it off).
-        seq_decay: per-impression decay of the sequential state, in [0, 1).
+        seq_scale: weight of the short-term engagement state (0 switches it off).
+        seq_decay: its per-impression decay, in [0, 1).
+        long_scale: weight of the long-range state (0 switches it off).
+        long_decay: its per-impression decay, in [0, 1); slow, e.g. 0.995.
+        fatigue_scale: weight of the fatigue penalty (0 switches it off).
+        fatigue_decay: per-impression decay of the fatigue state, in [0, 1); fast, e.g. 0.7.
+        fatigue_threshold: how much recent same-topic exposure (f . v_p) is tolerated before
+            engagement falls; >= 0.
         position_exponent: exposure = (1 + position) ** -position_exponent.
         age_weight: logit penalty per unit of log1p(post age in hours).
         trend: logit change from the window's start to its end (engagement drift).
@@ -115,6 +152,7 @@ class SyntheticConfig:
     post_type_scale: float = 0.3
     quality_sigma: float = 0.5
     quality_obs_noise: float = 0.3
+    content_noise: float = 0.0
     post_history_days: float = 7.0
     impressions_mean: float = 40.0
     impressions_sigma: float = 1.0
@@ -134,6 +172,11 @@ class SyntheticConfig:
     affinity_scale: float = 2.0
     seq_scale: float = 2.5
     seq_decay: float = 0.8
+    long_scale: float = 0.0
+    long_decay: float = 0.995
+    fatigue_scale: float = 0.0
+    fatigue_decay: float = 0.7
+    fatigue_threshold: float = 0.4
     position_exponent: float = 0.5
     age_weight: float = 0.1
     trend: float = -0.3
@@ -170,15 +213,17 @@ class SyntheticConfig:
                 raise ValueError(f"synthetic.{name} must be > 0, got {getattr(self, name)!r}")
         for name in (
             "author_noise", "post_type_scale", "quality_sigma", "quality_obs_noise",
-            "post_history_days", "impressions_sigma", "min_session_gap_s", "affinity_scale",
-            "seq_scale", "position_exponent", "age_weight", "start_time",
+            "content_noise", "post_history_days", "impressions_sigma", "min_session_gap_s",
+            "affinity_scale", "seq_scale", "long_scale", "fatigue_scale", "fatigue_threshold",
+            "position_exponent", "age_weight", "start_time",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)!r}")
 
     def _check_ranges(self) -> None:
-        if not 0 <= self.seq_decay < 1:
-            raise ValueError(f"synthetic.seq_decay must be in [0, 1), got {self.seq_decay!r}")
+        for name in ("seq_decay", "long_decay", "fatigue_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"synthetic.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0 <= self.follow_prob <= 1:
             raise ValueError(f"synthetic.follow_prob must be in [0, 1], got {self.follow_prob!r}")
         if self.max_impressions < self.min_impressions:
@@ -191,14 +236,14 @@ class SyntheticConfig:
                 f"synthetic.valid_days + test_days ({self.valid_days} + {self.test_days}) must "
                 f"leave training days in num_days ({self.num_days})"
             )
-        # Session placement reserves every impression's gap and a session gap before each one;
-        # the heaviest member must still fit in the window.
-        reserved = self.max_impressions * (self.max_within_gap_s + self.min_session_gap_s)
-        if reserved >= self.num_days * DAY_S:
+        # Session placement reserves every gap inside a session and a session gap after each
+        # session; the heaviest member must fit in the window with at least one session.
+        reserved = self.max_impressions * self.max_within_gap_s + self.min_session_gap_s
+        if reserved >= self.window_s:
             raise ValueError(
                 f"synthetic: {self.max_impressions} impressions with gaps up to "
-                f"{self.max_within_gap_s}s + {self.min_session_gap_s}s do not fit in "
-                f"num_days={self.num_days}"
+                f"{self.max_within_gap_s}s and a {self.min_session_gap_s}s session gap do not "
+                f"fit in num_days={self.num_days}"
             )
 
     def _check_lengths(self) -> None:
@@ -222,6 +267,20 @@ class SyntheticConfig:
     @property
     def window_s(self) -> int:
         return self.num_days * DAY_S
+
+    @property
+    def max_sessions(self) -> int:
+        """The most sessions a member can have: with this many session gaps, any member's
+        impressions and gaps still fit in the window (the bound binds only for members with far
+        more sessions than session_mean_len gives them)."""
+        if self.min_session_gap_s == 0:
+            return self.max_impressions
+        spare = self.window_s - self.max_impressions * self.max_within_gap_s - 1
+        return min(self.max_impressions, spare // self.min_session_gap_s)
+
+    @property
+    def content_columns(self) -> list[str]:
+        return [f"{CONTENT_PREFIX}{i}" for i in range(self.dim)]
 
 
 @dataclass
@@ -313,9 +372,12 @@ def _make_timeline(rng: np.random.Generator, cfg: SyntheticConfig, num_members: 
     member = np.repeat(np.arange(num_members), counts)
     member_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
 
-    # Sessions: geometric lengths, and every member's first impression opens one.
+    # Sessions: geometric lengths, and every member's first impression opens one. Past
+    # max_sessions a member's impressions join the last session, so the gaps fit the window.
     new_session = rng.random(n) < 1.0 / cfg.session_mean_len
     new_session[member_start] = True
+    earlier_sessions = _segment_cumsum(new_session.astype(np.int64), member_start, member)
+    new_session &= earlier_sessions < cfg.max_sessions
     session = np.cumsum(new_session) - 1
     session_start = np.flatnonzero(new_session)
     positions = np.arange(n) - session_start[session]
@@ -393,7 +455,7 @@ def _static_logits(
     catalog: _Catalog,
     posts: np.ndarray,
 ) -> np.ndarray:
-    """(n, actions) logits without the sequential term, which needs the drawn history."""
+    """(n, actions) logits without the history terms, which need the drawn history."""
     affinity = cfg.affinity_scale * np.einsum(
         "nd,nd->n", member_vec[timeline.member], catalog.post_vec[posts]
     )
@@ -429,16 +491,69 @@ def _step_major(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ranked_start[rank] + step, active
 
 
+@dataclass
+class _MemberStates:
+    """The history states of the model above, one row per member in the walk's ranking (see
+    ``_step_major``): decayed sums of post vectors (and the weight that makes g_m a mean)."""
+
+    engaged: np.ndarray  # (members, dim) h_m: clicked or liked posts
+    active: np.ndarray  # (members, dim) liked, commented or shared posts; g_m = active / weight
+    active_weight: np.ndarray  # (members,) the decayed count of those posts
+    seen: np.ndarray  # (members, dim) f_m: every impression
+
+    @classmethod
+    def zeros(cls, num_members: int, dim: int) -> _MemberStates:
+        return cls(np.zeros((num_members, dim)), np.zeros((num_members, dim)),
+                   np.zeros(num_members), np.zeros((num_members, dim)))
+
+
+def _history_terms(cfg: SyntheticConfig, states: _MemberStates, v: np.ndarray) -> np.ndarray:
+    """(k, len(HISTORY_TERMS)) the history terms of the interest for the first k ranked members,
+    whose next impressions show posts ``v`` (k, dim)."""
+    k = len(v)
+    seq = np.einsum("md,md->m", states.engaged[:k], v)
+    # A member without such engagements has active = 0: the term is 0, never 0 / 0.
+    long = np.einsum("md,md->m", states.active[:k], v)
+    long /= np.maximum(states.active_weight[:k], 1e-12)
+    seen = np.einsum("md,md->m", states.seen[:k], v)
+    return np.stack([
+        cfg.seq_scale * seq,
+        cfg.long_scale * long,
+        -cfg.fatigue_scale * np.maximum(seen - cfg.fatigue_threshold, 0.0),
+    ], axis=1)
+
+
+_SEQ_INDEX = [ACTION_NAMES.index(a) for a in _SEQ_ACTIONS]
+_LONG_INDEX = [ACTION_NAMES.index(a) for a in _LONG_ACTIONS]
+
+
+def _advance(cfg: SyntheticConfig, states: _MemberStates, v: np.ndarray, drawn: np.ndarray) -> None:
+    """Decay the first k ranked members' states by one impression and add the posts ``v`` (k, dim)
+    just shown to them, where their drawn actions (k, actions) make them count."""
+    k = len(v)
+    updates = (
+        (states.engaged, cfg.seq_decay, drawn[:, _SEQ_INDEX].any(axis=1)),
+        (states.active, cfg.long_decay, drawn[:, _LONG_INDEX].any(axis=1)),
+        (states.seen, cfg.fatigue_decay, None),
+    )
+    for state, decay, counts in updates:
+        state[:k] *= decay
+        state[:k] += v if counts is None else counts[:, None] * v
+    states.active_weight[:k] *= cfg.long_decay
+    states.active_weight[:k] += updates[1][2]
+
+
 def _draw_actions(
     rng: np.random.Generator,
     cfg: SyntheticConfig,
     timeline: _Timeline,
     impression_vec: np.ndarray,
     static: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(true probabilities (n, actions), drawn actions (n, actions) bool).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true probabilities (n, actions), drawn actions (n, actions) bool, history terms of the
+    interest (n, len(HISTORY_TERMS))).
 
-    The sequential state makes a member's impression t depend on the actions drawn before it, so
+    The history states make a member's impression t depend on the actions drawn before it, so
     this walks t, advancing every member that has a t-th impression at once. Arrays are put in
     step-major order first so that each step works on contiguous slices.
     """
@@ -446,36 +561,63 @@ def _draw_actions(
     uniforms = rng.random((n, num_actions))  # drawn up front: results do not depend on the walk
     order, active = _step_major(timeline.counts)
     exposure = ((1.0 + timeline.positions) ** -cfg.position_exponent)[order, None]
-    static, vecs, engage_u = static[order], impression_vec[order], uniforms[order]
+    static, vecs, step_u = static[order], impression_vec[order], uniforms[order]
     weights = np.asarray(cfg.action_weights)
-    engaging = [ACTION_NAMES.index(a) for a in _STATE_ACTIONS]
     probs = np.empty((n, num_actions))
-    state = np.zeros((len(timeline.counts), impression_vec.shape[1]))  # members by rank
+    terms = np.empty((n, len(HISTORY_TERMS)))
+    states = _MemberStates.zeros(len(timeline.counts), impression_vec.shape[1])
     lo = 0
     for num_active in active:
         hi = lo + num_active
         v = vecs[lo:hi]
-        seq = cfg.seq_scale * np.einsum("md,md->m", state[:num_active], v)
-        p = exposure[lo:hi] * _sigmoid(static[lo:hi] + weights * seq[:, None])
-        probs[lo:hi] = p
-        engaged = (engage_u[lo:hi, engaging] < p[:, engaging]).any(axis=1)
-        state[:num_active] *= cfg.seq_decay
-        state[:num_active] += engaged[:, None] * v
+        terms[lo:hi] = _history_terms(cfg, states, v)
+        interest = terms[lo:hi].sum(axis=1, keepdims=True)
+        probs[lo:hi] = exposure[lo:hi] * _sigmoid(static[lo:hi] + weights * interest)
+        _advance(cfg, states, v, step_u[lo:hi] < probs[lo:hi])
         lo = hi
     member_major = np.empty_like(probs)
     member_major[order] = probs
-    return member_major, uniforms < member_major
+    member_terms = np.empty_like(terms)
+    member_terms[order] = terms
+    return member_major, uniforms < member_major, member_terms
+
+
+def probs_without(log, cfg: SyntheticConfig, terms: tuple[str, ...] | list[str]) -> np.ndarray:
+    """(n, actions) the true probabilities of a log's impressions with the named history terms
+    (of ``HISTORY_TERMS``) taken out of the interest: the oracle of a world, or of a model, that
+    lacks those effects. ``log`` maps the impression log's columns (``position``,
+    ``true_<action>``, ``term_<name>``) to arrays, e.g. those ``write_log`` wrote."""
+    unknown = sorted(set(terms) - set(HISTORY_TERMS))
+    if unknown:
+        raise ValueError(f"unknown history term(s) {unknown}; known: {list(HISTORY_TERMS)}")
+    exposure = (1.0 + np.asarray(log["position"], np.float64)) ** -cfg.position_exponent
+    p = np.stack([np.asarray(log[TRUE_PROB_PREFIX + a], np.float64) for a in ACTION_NAMES], axis=1)
+    # The log keeps float32: keep the inverted sigmoid finite at its ends.
+    q = np.clip(p / exposure[:, None], 1e-12, 1 - 1e-7)
+    removed = sum((np.asarray(log[TERM_PREFIX + t], np.float64) for t in terms), np.zeros(len(p)))
+    logit = np.log(q) - np.log1p(-q) - np.asarray(cfg.action_weights) * removed[:, None]
+    return exposure[:, None] * _sigmoid(logit)
+
+
+def _post_content(rng: np.random.Generator, cfg: SyntheticConfig, catalog: _Catalog) -> np.ndarray:
+    """(posts, dim) float32 the content embedding: the post's topic vector, blurred once per post
+    as a content model would, so the same post always shows the same embedding."""
+    noise = rng.normal(0.0, cfg.content_noise, catalog.post_vec.shape)
+    return (catalog.post_vec + noise).astype(np.float32)
 
 
 def _build_log(
     timeline: _Timeline,
     catalog: _Catalog,
+    content: np.ndarray,
     posts: np.ndarray,
     probs: np.ndarray,
     actions: np.ndarray,
+    terms: np.ndarray,
 ) -> pa.Table:
-    """The flat impression log, one row per impression, in the raw form of any log (columns in
-    ``LOG_COLUMNS``); ``feedsr.prepare`` turns it into sequences."""
+    """The flat impression log, one row per impression, in the raw form of any log;
+    ``feedsr.prepare`` turns it into sequences. The ``term_*`` columns are ground truth beside the
+    ``true_*`` ones, for ``probs_without``; no model input is made of them."""
     log = {
         "member_id": timeline.member,
         "post_id": posts,
@@ -487,7 +629,9 @@ def _build_log(
         "surface": timeline.surfaces,
         "post_quality": catalog.post_quality_obs[posts].astype(np.float32),
         "post_age": np.log1p(_age_hours(timeline, catalog, posts)).astype(np.float32),
+        **{f"{CONTENT_PREFIX}{i}": content[posts, i] for i in range(content.shape[1])},
         **{TRUE_PROB_PREFIX + name: probs[:, i].astype(np.float32) for i, name in enumerate(ACTION_NAMES)},
+        **{TERM_PREFIX + name: terms[:, i].astype(np.float32) for i, name in enumerate(HISTORY_TERMS)},
     }
     return pa.table(log)
 
@@ -539,8 +683,10 @@ def write_log(out_dir: str | Path, num_members: int, seed: int, **params) -> Sim
     timeline = _make_timeline(rng, cfg, num_members)
     posts = _pick_posts(rng, cfg, timeline, follows, catalog)
     static = _static_logits(cfg, timeline, member_vec, catalog, posts)
-    probs, actions = _draw_actions(rng, cfg, timeline, catalog.post_vec[posts], static)
-    log = _build_log(timeline, catalog, posts, probs, actions)
+    probs, actions, terms = _draw_actions(rng, cfg, timeline, catalog.post_vec[posts], static)
+    # Drawn last, so that switching content_noise on changes nothing else in the world.
+    content = _post_content(rng, cfg, catalog)
+    log = _build_log(timeline, catalog, content, posts, probs, actions, terms)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -550,6 +696,7 @@ def write_log(out_dir: str | Path, num_members: int, seed: int, **params) -> Sim
         member_vec=member_vec,
         author_vec=catalog.author_vec,
         post_vec=catalog.post_vec,
+        post_content=content,
         post_author=catalog.post_author,
         post_quality=catalog.post_quality,
         post_type=catalog.post_type,
