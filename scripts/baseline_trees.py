@@ -10,7 +10,8 @@ a categorical (as its code beyond ``--max-categories`` levels), with ``--ids`` t
 ids too; the impressions are the target
 impressions of the data config's train and validation splits (rows cut to ``data.max_seq_len``).
 Early stopping on validation, so the figures are validation figures of a model stopped on that
-same split, as the neural models' checkpoints are chosen (``feedsr/eval/trees.py``). Prints the
+same split, as the neural models' checkpoints are chosen (``feedsr/eval/trees.py``); with
+``--report-split test`` they are the test split's, of models stopped on validation. Prints the
 metrics table per seed, AUC by history length, and, with several seeds, the mean and sample std of each task's AUC.
 """
 
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--history-buckets", type=int, nargs="+", default=[0, 10, 50, 100, 160],
                    help="AUC by history length (impressions before the target in its row, pre-window "
                         "ones included): bucket edges, the last bucket open")
+    p.add_argument("--report-split", help="score this split (e.g. test) instead of the validation split "
+                   "the trees are early stopped on")
     p.add_argument("--json", type=Path, help="write the figures here")
     return p.parse_args(argv)
 
@@ -63,17 +66,21 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     train = read_impressions(data.path, data.train_split, spec, data.max_seq_len, args.ids, args.max_categories)
     valid = read_impressions(data.path, data.valid_split, spec, data.max_seq_len, args.ids, args.max_categories)
-    for part in (train, valid):
+    split = args.report_split or data.valid_split
+    report = valid if split == data.valid_split else read_impressions(
+        data.path, split, spec, data.max_seq_len, args.ids, args.max_categories)
+    for part in {id(x): x for x in (train, valid, report)}.values():
         part.labels, part.true_probs = part.labels[:, keep], part.true_probs[:, keep]
-    print(f"trees: {data.path}: {len(train):,} train and {len(valid):,} {data.valid_split} impressions, "
+    print(f"trees: {data.path}: {len(train):,} train, {len(valid):,} {data.valid_split} and {len(report):,} "
+          f"{split} impressions, "
           f"{len(train.columns)} features ({len(train.categorical)} categorical), read in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     runs = []
     for seed in args.seeds:
         config = TreeConfig(threads=args.threads, seed=seed, max_rounds=args.max_rounds)
-        result = fit_and_score(train, valid, tasks, config, lambda line: print(line, flush=True))
-        print(f"\nseed {seed}, {data.valid_split}:\n{format_table(result.metrics)}\n", flush=True)
-        buckets = metrics_by_bucket(tasks, result.preds, valid.labels, valid.true_probs, valid.history,
+        result = fit_and_score(train, valid, tasks, config, lambda line: print(line, flush=True), report)
+        print(f"\nseed {seed}, {split}:\n{format_table(result.metrics)}\n", flush=True)
+        buckets = metrics_by_bucket(tasks, result.preds, report.labels, report.true_probs, report.history,
                                     args.history_buckets + [None])
         print(format_buckets(buckets) + "\n", flush=True)
         runs.append({"seed": seed, "metrics": {t: m.to_dict() for t, m in result.metrics.items()},
@@ -83,8 +90,9 @@ def main(argv=None) -> dict:
         for task in tasks:
             aucs = [r["metrics"][task]["auc"] for r in runs]
             print(f"{task:14s} AUC {statistics.mean(aucs):.4f} ± {statistics.stdev(aucs):.4f} over seeds {args.seeds}")
-    result = {"data": data.path, "split": data.valid_split, "features": train.columns,
+    result = {"data": data.path, "split": split, "features": train.columns,
               "categorical": train.categorical, "train_impressions": len(train), "valid_impressions": len(valid),
+              "report_impressions": len(report),
               "config": dataclasses.asdict(TreeConfig(threads=args.threads, max_rounds=args.max_rounds))
               | {"ids": args.ids, "max_categories": args.max_categories},
               "runs": runs}

@@ -113,7 +113,10 @@ def test_oracle_only_with_true_probabilities():
     assert m["click"].oracle_auc == roc_auc(truth, y)
     base_rate_loss = log_loss(np.full_like(truth, y.mean()), y)
     assert m["click"].oracle_ne == pytest.approx(log_loss(truth, y) / base_rate_loss)
+    auc = roc_auc(logits[mask, 0].double().numpy(), y)
+    assert m["click"].oracle_fraction == pytest.approx((auc - 0.5) / (m["click"].oracle_auc - 0.5))
     assert m["like"].oracle_auc is None and m["like"].oracle_ne is None  # NaN truth
+    assert m["like"].oracle_fraction is None
     assert all(t.oracle_auc is None and t.oracle_ne is None for t in without.compute().values())
     # one unknown row among the kept ones: the oracle would score a different set of rows
     true_probs[mask.nonzero()[0], 0] = math.nan
@@ -164,8 +167,9 @@ def test_format_table():
     assert lines[0].split()[:4] == ["task", "count", "base", "rate"]
     assert len({len(line) for line in lines}) == 1  # fixed width
     click, like = lines[2].split(), lines[3].split()
-    assert click[0] == "click" and click[4] != "-" and click[6] != "-"  # oracle AUC, oracle NE
-    assert like[0] == "like" and like[4] == "-" and like[6] == "-"
+    assert click[0] == "click" and "-" not in (click[4], click[5], click[7])  # oracle AUC, fraction, NE
+    assert like[0] == "like" and (like[4], like[5], like[7]) == ("-", "-", "-")
+    assert float(click[5]) == pytest.approx(acc.compute()["click"].oracle_fraction, abs=5e-4)
 
 
 def test_all_gather_without_distributed_is_identity():

@@ -35,6 +35,8 @@ class TaskMetrics:
 
     ``oracle_auc`` / ``oracle_ne`` score the true probabilities (synthetic data) on the same rows:
     the best any model can do. None when the split has no true probability for the task.
+    ``oracle_fraction`` = (AUC - 0.5) / (oracle AUC - 0.5): how much of the way from chance to the
+    oracle the model goes (1: as good as the true probabilities).
     """
 
     task: str
@@ -48,6 +50,7 @@ class TaskMetrics:
     calibration: float
     oracle_auc: float | None = None
     oracle_ne: float | None = None
+    oracle_fraction: float | None = None
 
     def to_dict(self) -> dict:
         """Plain Python values with NaN as None, so the result is strict JSON."""
@@ -100,23 +103,31 @@ def task_metrics(task: str, preds: np.ndarray, labels: np.ndarray, true_probs: n
     mean_pred = float(preds.mean()) if count else math.nan
     entropy = binary_entropy(base_rate)
     logloss = log_loss(preds, labels)
-    oracle_auc = oracle_ne = None
+    auc = roc_auc(preds, labels)
+    oracle_auc = oracle_ne = fraction = None
     if count > 0 and not np.isnan(true_probs).any():
         truth = true_probs.astype(np.float64)  # in float32 the clip bound 1 - 1e-7 would round
         oracle_auc, oracle_ne = roc_auc(truth, labels), log_loss(truth, labels) / entropy
+        fraction = oracle_fraction(auc, oracle_auc)
     return TaskMetrics(
         task=task,
         count=count,
         positives=positives,
         base_rate=base_rate,
         mean_pred=mean_pred,
-        auc=roc_auc(preds, labels),
+        auc=auc,
         logloss=logloss,
         ne=logloss / entropy,
         calibration=mean_pred / base_rate if base_rate > 0 else math.nan,
         oracle_auc=oracle_auc,
         oracle_ne=oracle_ne,
+        oracle_fraction=fraction,
     )
+
+
+def oracle_fraction(auc: float, oracle_auc: float) -> float:
+    """(AUC - 0.5) / (oracle AUC - 0.5); NaN when the oracle is no better than chance."""
+    return (auc - 0.5) / (oracle_auc - 0.5) if oracle_auc > 0.5 else math.nan
 
 
 def metrics_by_bucket(task_names: list[str], preds: np.ndarray, labels: np.ndarray, true_probs: np.ndarray,
@@ -271,6 +282,7 @@ _COLUMNS = (  # header, TaskMetrics field, format
     ("base rate", "base_rate", "{:.4f}"),
     ("AUC", "auc", "{:.4f}"),
     ("oracle AUC", "oracle_auc", "{:.4f}"),
+    ("oracle frac.", "oracle_fraction", "{:.3f}"),
     ("NE", "ne", "{:.4f}"),
     ("oracle NE", "oracle_ne", "{:.4f}"),
     ("logloss", "logloss", "{:.4f}"),

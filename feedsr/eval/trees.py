@@ -3,7 +3,8 @@ draws first, scored like the neural models.
 
 One binary model per task, trained on the target impressions of the training split and early
 stopped on the validation split (as the LightGBM reference of ``../shared/data/kuairand/README.md``),
-each impression described by its own columns only, no history: every ``ctx_<name>`` as a number,
+each impression described by its own columns only, no history: every ``ctx_<name>`` and
+``dense_<name>`` as a number,
 every ``cat_<name>`` as a LightGBM categorical (as its code when it has more than 64 levels), and
 optionally ``item_ids`` / ``author_ids``. The impressions are the ones the neural models are scored on: rows cut to the data
 config's ``max_seq_len`` as the reader cuts them, then each row's target tail. The metrics are
@@ -20,7 +21,7 @@ import numpy as np
 
 from feedsr.data.batch import BatchSpec
 from feedsr.data.reader import open_file, read_block, split_files
-from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, DataError
+from feedsr.data.schema import CATEGORICAL_PREFIX, CONTEXT_PREFIX, DENSE_PREFIX, DataError
 from feedsr.data.tasks import task_bitmasks, task_labels
 from feedsr.eval.metrics import TaskMetrics, task_metrics
 
@@ -103,7 +104,8 @@ def feature_columns(spec: BatchSpec, ids: bool, max_categories: int = MAX_CATEGO
     if ids:
         columns = [c for c in ID_COLUMNS if c in spec.id_table_sizes] + columns
     categorical = [c for c in columns if spec.id_table_sizes[c] <= max_categories]
-    return [CONTEXT_PREFIX + c for c in spec.read.context] + columns, categorical
+    numbers = [CONTEXT_PREFIX + c for c in spec.read.context] + [DENSE_PREFIX + c for c in spec.read.dense]
+    return numbers + columns, categorical
 
 
 def read_impressions(data_dir: str | Path, split: str, spec: BatchSpec, max_seq_len: int,
@@ -131,23 +133,27 @@ def read_impressions(data_dir: str | Path, split: str, spec: BatchSpec, max_seq_
 
 @dataclass
 class TreeResult:
-    """Per task: its metrics on the validation split, the boosting rounds kept, the seconds spent."""
+    """Per task: its metrics on the reported split (validation unless another is given), the
+    boosting rounds kept, the seconds spent."""
 
     metrics: dict[str, TaskMetrics]
     rounds: dict[str, int]
     seconds: dict[str, float]
-    preds: np.ndarray = field(repr=False)  # (n, K) validation probabilities
+    preds: np.ndarray = field(repr=False)  # (n, K) probabilities of the reported split's impressions
     importance: dict[str, dict[str, float]] = field(repr=False, default_factory=dict)  # task -> gain per feature
 
 
 def fit_and_score(train: Impressions, valid: Impressions, task_names: list[str], config: TreeConfig,
-                  progress=print) -> TreeResult:
-    """One model per task on ``train``, early stopped and scored on ``valid``."""
+                  progress=print, report: Impressions | None = None) -> TreeResult:
+    """One model per task on ``train``, early stopped on ``valid`` and scored on ``report``
+    (default ``valid``: e.g. a test split, for figures of a model not chosen on them)."""
     import lightgbm as lgb
 
-    if train.columns != valid.columns:
-        raise ValueError(f"train and valid have different columns: {train.columns} vs {valid.columns}")
-    preds = np.zeros(valid.labels.shape, np.float64)
+    report = valid if report is None else report
+    for part in (valid, report):
+        if train.columns != part.columns:
+            raise ValueError(f"train and held-out impressions have different columns: {train.columns} vs {part.columns}")
+    preds = np.zeros(report.labels.shape, np.float64)
     metrics, rounds, seconds, importance = {}, {}, {}, {}
     for k, task in enumerate(task_names):
         start = time.perf_counter()
@@ -159,8 +165,8 @@ def fit_and_score(train: Impressions, valid: Impressions, task_names: list[str],
         held_out = lgb.Dataset(valid.features, valid.labels[:, k].astype(np.float64), reference=data)
         booster = lgb.train(config.params(), data, num_boost_round=config.max_rounds, valid_sets=[held_out],
                             callbacks=[lgb.early_stopping(config.early_stopping, verbose=False)])
-        preds[:, k] = booster.predict(valid.features, num_iteration=booster.best_iteration)
-        metrics[task] = task_metrics(task, preds[:, k], valid.labels[:, k], valid.true_probs[:, k])
+        preds[:, k] = booster.predict(report.features, num_iteration=booster.best_iteration)
+        metrics[task] = task_metrics(task, preds[:, k], report.labels[:, k], report.true_probs[:, k])
         rounds[task], seconds[task] = int(booster.best_iteration), time.perf_counter() - start
         gains = booster.feature_importance("gain")
         importance[task] = {c: float(g) for c, g in zip(train.columns, gains / max(gains.sum(), 1e-12))}
