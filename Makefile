@@ -9,7 +9,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 PYSPARK := pyspark==4.0.1
 
-.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-reader clean
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-synthetic bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,10 @@ bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best confi
 	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
 	$(PY) scripts/benchmark_kuairand.py --configs feedsr dcnv2 --seeds 0 1 2 --parallel 1 --data data/kuairand_full \
 		--json docs/benchmark_kuairand.json --markdown runs/benchmark_kuairand.md
+
+bench-synthetic: $(STAMP) ## the synthetic benchmark: oracle, Feed-SR, DCNv2, no history, trees; 3 seeds, by history length (docs/benchmarks.md)
+	$(PY) scripts/benchmark_synthetic.py --seeds 0 1 2 --parallel 2 \
+		--json docs/benchmark_synthetic.json --markdown runs/benchmark_synthetic.md
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
 	$(PY) scripts/bench_reader.py
