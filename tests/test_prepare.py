@@ -407,6 +407,7 @@ def test_prepared_log_trains_with_the_real_trainer(small, tmp_path):
         "tasks": [{"name": "click", "group": "passive"}, {"name": "like", "group": "active"},
                   {"name": "share", "group": "active"}],
         "id_tables": {"item_ids": None, "author_ids": None}, "categorical": {"surface": None, "category": None},
+        "dense": meta["dense"],  # the example config passes none through
     }
     result = train(train_cfg)
     assert result.step == 3 and all(np.isfinite(result.losses))

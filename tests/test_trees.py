@@ -28,24 +28,29 @@ def test_impressions_are_the_target_impressions_the_models_see(synthetic_dir, ma
     data = data_config(synthetic_dir, max_seq_len)
     spec = batch_spec(data, ensure_dataset(data))
     got = read_impressions(synthetic_dir, "valid", spec, max_seq_len)
-    assert got.columns == [f"ctx_{c}" for c in spec.read.context] + [f"cat_{c}" for c in spec.read.categorical]
+    assert spec.read.dense  # the content embedding: numbers, after the context
+    assert got.columns == ([f"ctx_{c}" for c in spec.read.context] + [f"dense_{c}" for c in spec.read.dense]
+                           + [f"cat_{c}" for c in spec.read.categorical])
     # the same rows through the neural models' path: reader cut, collate, target mask
-    expected_labels, expected_context, expected_true = [], [], []
+    expected_labels, expected_context, expected_dense, expected_true = [], [], [], []
     for path in split_files(synthetic_dir, "valid"):
         info = open_file(path, spec.read)
         for row_group in range(len(info.row_group_rows)):
             batch = collate(read_block(info, row_group, spec.read).truncate(max_seq_len), spec)
             expected_labels.append(batch.labels[batch.target_mask].numpy())
             expected_context.append(batch.context[batch.target_mask].numpy())
+            expected_dense.append(batch.dense[batch.target_mask].numpy())
             expected_true.append(batch.true_probs[batch.target_mask].numpy())
     np.testing.assert_array_equal(got.labels, np.concatenate(expected_labels).astype(bool))
-    np.testing.assert_allclose(got.features[:, :len(spec.read.context)], np.concatenate(expected_context), rtol=1e-6)
+    c, e = len(spec.read.context), len(spec.read.dense)
+    np.testing.assert_allclose(got.features[:, :c], np.concatenate(expected_context), rtol=1e-6)
+    np.testing.assert_allclose(got.features[:, c:c + e], np.concatenate(expected_dense), rtol=1e-6)
     np.testing.assert_array_equal(got.true_probs, np.concatenate(expected_true))
     assert got.history.max() <= max_seq_len - 1 and (got.history >= 0).all()
     with_ids = read_impressions(synthetic_dir, "valid", spec, max_seq_len, ids=True)
     ids = [c for c in ("item_ids", "author_ids") if c in spec.id_table_sizes]
     assert ids and len(with_ids) == len(got)
-    assert with_ids.columns[len(spec.read.context):][:len(ids)] == ids
+    assert with_ids.columns[c + e:][:len(ids)] == ids
     assert not set(ids) & set(with_ids.categorical)  # thousands of levels: given as codes
     as_categories = read_impressions(synthetic_dir, "valid", spec, max_seq_len, ids=True, max_categories=10 ** 9)
     assert as_categories.categorical[:len(ids)] == ids
