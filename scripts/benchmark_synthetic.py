@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,9 +115,16 @@ def run_model(args, name: str, seed: int, threads: int) -> dict:
     run_id = f"{name}_seed{seed}"
     run_dir = args.runs / run_id
     done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
     experiment, overrides, _ = CONFIGS[name]
+    # what the figures depend on: a finished run made with other settings is trained again
+    settings = {"experiment": experiment, "overrides": [*overrides, *args.overrides], "seed": seed,
+                "data": str(args.data), "history_buckets": args.history_buckets}
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("settings") == settings:
+            return result
+        print(f"[benchmark] {run_id}: its result.json was made with other settings; training it again", flush=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "feedsr.train", f"experiment={experiment}", *overrides,
            f"data.path={args.data}", f"run_id={run_id}", f"output_root={args.runs}", f"seed={seed}",
            "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}",
@@ -129,7 +137,7 @@ def run_model(args, name: str, seed: int, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
     best = json.loads((run_dir / "best.json").read_text())
-    result = {"config": name, "seed": seed, "train_seconds": seconds, "best_step": best["step"],
+    result = {"config": name, "seed": seed, "settings": settings, "train_seconds": seconds, "best_step": best["step"],
               "valid": {t: pick(m) for t, m in best["metrics"].items()},
               **evaluate_test(args, run_dir / "checkpoints" / f"step-{best['step']}", threads),
               "command": " ".join(cmd[1:])}
@@ -142,6 +150,10 @@ def run_trees(args, threads: int) -> list[dict]:
     """LightGBM per task and seed, early stopped on validation, scored on test (one process: the
     impressions are read once for every seed)."""
     out = args.runs / "trees" / "trees.json"
+    settings = {"seeds": args.seeds, "data": str(args.data), "history_buckets": args.history_buckets}
+    if out.exists() and json.loads(out.read_text()).get("settings") != settings:
+        print("[benchmark] trees: made with other settings; fitting them again", flush=True)
+        out.unlink()
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "scripts/baseline_trees.py", f"data={DATA_CONFIG}", f"data.path={args.data}",
@@ -154,6 +166,7 @@ def run_trees(args, threads: int) -> list[dict]:
             raise RuntimeError(f"trees failed (exit {proc.returncode}); see {out.parent / 'benchmark.log'}")
         report = json.loads(out.read_text())
         report["seconds"] = time.perf_counter() - start
+        report["settings"] = settings
         out.write_text(json.dumps(report, indent=1) + "\n")
     report = json.loads(out.read_text())
     per_seed = report["seconds"] / len(report["runs"])
@@ -164,8 +177,12 @@ def run_trees(args, threads: int) -> list[dict]:
             for r in report["runs"] if r["seed"] in args.seeds]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+def mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std of the values that exist (an oracle fraction is null where a task or
+    bucket has no positives); NaN when there are none."""
+    values = [v for v in values if v is not None]
+    mean = statistics.fmean(values) if values else float("nan")
+    return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
 def summarize(results: list[dict], configs: list[str]) -> list[dict]:
@@ -186,7 +203,7 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
                 row["test"][task][key], row["test"][task][key + "_std"] = mean_std([r["test"][task][key] for r in runs])
             row["test"][task]["oracle_auc"] = runs[0]["test"][task]["oracle_auc"]
         for bucket, tasks in runs[0]["by_history"].items():
-            row["by_history"][bucket] = {t: {k: statistics.fmean(r["by_history"][bucket][t][k] for r in runs)
+            row["by_history"][bucket] = {t: {k: mean_std([r["by_history"][bucket][t][k] for r in runs])[0]
                                              for k in ("auc", "oracle_fraction")}
                                          | {"oracle_auc": m["oracle_auc"], "count": m["count"]}
                                          for t, m in tasks.items()}
@@ -262,8 +279,10 @@ def main(argv=None):
     args = parse_args(argv)
     ensure_data(args)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
-    # Longest first, so the pool's last minutes are not one long run alone.
-    jobs = [(name, seed) for name in args.configs if name in CONFIGS for seed in args.seeds]
+    # Longest first (Feed-SR's attention costs ~3.5x DCNv2's step), so the pool's last minutes are
+    # not one long run alone.
+    jobs = sorted(((name, seed) for name in args.configs if name in CONFIGS for seed in args.seeds),
+                  key=lambda job: job[0] != "feedsr")
     start = time.perf_counter()
     print(f"[benchmark] {len(jobs)} training runs, {args.parallel} at a time, {threads} thread(s) each"
           + (", then the trees" if TREES in args.configs else ""), flush=True)
@@ -271,7 +290,7 @@ def main(argv=None):
     def job(item):
         result = run_model(args, *item, threads)
         print(f"[benchmark] {item[0]} seed {item[1]}: best step {result['best_step']}, test "
-              + ", ".join(f"{t} {result['test'][t]['auc']:.4f} ({result['test'][t]['oracle_fraction']:.3f})"
+              + ", ".join(f"{t} {result['test'][t]['auc']:.4f} ({mean_std([result['test'][t]['oracle_fraction']])[0]:.3f})"
                           for t in REPORT_TASKS)
               + f" ({result['seconds'] / 60:.1f} min; {time.perf_counter() - start:.0f} s elapsed)", flush=True)
         return result

@@ -282,7 +282,7 @@ def test_context_norm_is_asinh_of_standard_scores_and_keeps_constant_features():
     torch.testing.assert_close(norm(x), torch.asinh(z))
     assert norm(x)[1, 2] < 8  # a tail of 1,000 standard deviations comes in at log(2000)
     assert {"shift", "scale"} <= set(norm.state_dict())  # saved with the weights
-    with pytest.raises(ValueError, match=r"shapes \(2,\) and \(3,\) for 3 context features"):
+    with pytest.raises(ValueError, match=r"shapes \(2,\) and \(3,\) for 3 features"):
         norm.fit(torch.zeros(2), torch.ones(3))
 
 

@@ -60,8 +60,8 @@ def prepare(tmp_path, table: pa.Table, items: pa.Table | None = None, csv: bool 
     ({"like": with_value("like", 2)}, False, r"log\.parquet: column 'like' \(action 'like'\) has 1 values "
                                              r"that are not 0 or 1 \(e\.g\. 2\)"),
     ({"like": with_value("like", None)}, False, r"column 'like' \(action 'like'\) has 1 values that are not 0 or 1"),
-    ({"member_id": with_value("member_id", None)}, False, r"log\.parquet: column 'member_id' has 1 null values"),
-    ({"item_id": with_value("item_id", None)}, True, r"log\.csv: column 'item_id' has 1 null values"),
+    ({"member_id": with_value("member_id", None)}, False, r"log\.parquet: column 'member_id' \(columns\.member\) has 1 null values"),
+    ({"item_id": with_value("item_id", None)}, True, r"log\.csv: column 'item_id' \(columns\.item\) has 1 null values"),
     ({"ts": pa.array(make_log()["ts"] * 1000)}, False,
      r"log\.parquet: column 'ts' read as time\.unit='s' spans year \d+ \.\. year \d+, outside 1990\.\.2100; "
      r"as 'ms' they would be 2023-11-14 \.\. 2023-11-15"),
@@ -229,12 +229,16 @@ def test_dense_columns_reach_the_dataset_as_numbers_in_order(tmp_path):
 @pytest.mark.parametrize("emb, pattern", [
     (None, r"log\.parquet: missing column 'emb' \(columns\.dense\.emb_0\)"),
     ("strings", r"log\.parquet: column 'emb' \(columns\.dense\.emb_0\) has type VARCHAR, expected a numeric type"),
-    ("null", r"log\.parquet: column 'emb' has 1 null values"),
+    ("null", r"log\.parquet: column 'emb' \(columns\.dense\.emb_0\) has 1 null values"),
+    ("nan", r"log\.parquet: column 'emb' \(columns\.dense\.emb_0\) has 1 NaN or infinite values"),
+    ("inf", r"log\.parquet: column 'emb' \(columns\.dense\.emb_0\) has 2 NaN or infinite values"),
 ])
 def test_bad_dense_column_names_the_file_and_column(tmp_path, emb, pattern):
     n = len(make_log()["ts"])
     values = {None: None, "strings": np.array(["x"] * n),
-              "null": pa.array([None] + [0.5] * (n - 1), pa.float64())}[emb]
+              "null": pa.array([None] + [0.5] * (n - 1), pa.float64()),
+              "nan": np.array([0.5] * (n - 1) + [np.nan]),
+              "inf": np.array([np.inf, -np.inf] + [0.5] * (n - 2))}[emb]
     table = log_table() if values is None else log_table(emb=values)
     with pytest.raises(PrepareError, match=pattern):
         prepare(tmp_path, table, columns=dense_columns())
@@ -242,6 +246,6 @@ def test_bad_dense_column_names_the_file_and_column(tmp_path, emb, pattern):
 
 
 def test_dense_names_are_checked(tmp_path):
-    with pytest.raises(PrepareError, match=r"dense names"):
+    with pytest.raises(PrepareError, match=r"dense names .*identifiers"):
         prepare(tmp_path, log_table(emb=np.zeros(len(make_log()["ts"]))),
                 columns=dense_columns(dense={"not an identifier": "emb"}))

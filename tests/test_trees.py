@@ -116,3 +116,21 @@ def test_metrics_by_bucket_are_the_metrics_of_each_bucket():
     assert sum(m["a"].count for m in got.values()) == n
     with pytest.raises(ValueError, match="must increase"):
         metrics_by_bucket(["a"], preds, labels, true, history, [0, 10, 10])
+
+
+def test_a_generated_dataset_without_the_configured_dense_features_is_refused(synthetic_dir, tmp_path):
+    """data/synthetic generated before the content embedding existed: its dataset.json names no
+    dense features, and the error says how to get them instead of failing on the first file."""
+    import shutil
+
+    from feedsr.data.schema import DataError
+
+    old = tmp_path / "synthetic_old"
+    shutil.copytree(synthetic_dir, old)
+    meta = json.loads((old / "dataset.json").read_text())
+    assert meta["dense"]  # today's data has them
+    (old / "dataset.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dense"}))
+    data = to_config(compose_config(["data=synthetic", f"data.path={old}"])).data
+    with pytest.raises(DataError, match=rf"{old}/dataset.json: the data has no dense feature\(s\) \['content_0'.*"
+                                        rf"delete {old} and it is generated again"):
+        ensure_dataset(data)

@@ -50,8 +50,8 @@ class ContextNorm(nn.Module):
     def fit(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set the map from (C,) per-feature mean and standard deviation."""
         if mean.shape != self.shift.shape or std.shape != self.shift.shape:
-            raise ValueError(f"context moments of shapes {tuple(mean.shape)} and {tuple(std.shape)} "
-                             f"for {len(self.shift)} context features")
+            raise ValueError(f"moments of shapes {tuple(mean.shape)} and {tuple(std.shape)} "
+                             f"for {len(self.shift)} features (a context or dense standardisation)")
         self.shift.copy_(mean)
         self.scale.copy_(torch.where(std > self.MIN_STD, 1.0 / std.clamp(min=self.MIN_STD), 1.0))
 

@@ -269,10 +269,11 @@ class PrepareConfig:
         return {role: t for role, t in tables.items() if t is not None}
 
     def _check_names(self) -> None:
-        for kind, names in (("categorical", self.categorical_names()), ("context", self.context_names()),
-                            ("dense", list(self.columns.dense))):
-            require(len(set(names)) == len(names), f"{kind} names", names,
-                    "distinct across columns.categoricals, the side tables and features")
+        for kind, names, where in (
+                ("categorical", self.categorical_names(), "columns.categoricals and the side tables"),
+                ("context", self.context_names(), "columns.numeric, the side tables and features"),
+                ("dense", list(self.columns.dense), "columns.dense")):
+            require(len(set(names)) == len(names), f"{kind} names", names, f"distinct across {where}")
             require(all(n.isidentifier() for n in names), f"{kind} names", names,
                     "identifiers (letters, digits, _)")
         require(set(self.categorical_names()).isdisjoint(ENTITY_KEYS), "categorical names",

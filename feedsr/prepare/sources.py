@@ -72,10 +72,17 @@ def check_columns(path: str, types: dict[str, str], roles: list[tuple[str, str, 
 def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     """Nulls in keys, non-0/1 actions and the timestamp range, in one scan; returns the row count."""
     c = cfg.columns
-    keys = [c.member, c.item, c.timestamp, *c.numeric.values(), *c.dense.values(), *c.true_probs.values()]
+    numbers = {**{col: f"columns.numeric.{n}" for n, col in c.numeric.items()},
+               **{col: f"columns.dense.{n}" for n, col in c.dense.items()},
+               **{col: f"columns.true_probs.{n}" for n, col in c.true_probs.items()}}
+    roles = {c.member: "columns.member", c.item: "columns.item", c.timestamp: "columns.timestamp", **numbers}
+    keys = list(roles)
     actions = [col for col in c.actions.values() if col is not None]
     exprs = ["count(*)", f"min({quote(c.timestamp)})", f"max({quote(c.timestamp)})"]
     exprs += [f"count(*) FILTER (WHERE {quote(k)} IS NULL)" for k in keys]
+    # NaN and +-inf: above the largest double in DuckDB and in Spark SQL alike (both order NaN
+    # above every number), so one comparison finds both.
+    exprs += [f"count(*) FILTER (WHERE abs(CAST({quote(k)} AS DOUBLE)) > 1.7976931348623157e308)" for k in numbers]
     exprs += [f"count(*) FILTER (WHERE {not_0_or_1(a)})" for a in actions]
     if c.action_bits is not None:  # a multi-hot: no nulls, no negative values, no bit beyond the actions
         bits = quote(c.action_bits)
@@ -83,8 +90,13 @@ def check_log_values(engine, path: str, cfg: PrepareConfig) -> int:
     [(rows, t_min, t_max, *bad)] = engine.fetch(f"SELECT {', '.join(exprs)} FROM {engine.source(path)}")
     for column, nulls in zip(keys, bad[: len(keys)]):
         if nulls:
-            raise PrepareError(f"{path}: column '{column}' has {nulls} null values; ids, timestamps and "
-                               "numeric columns must be set on every row (a query source can fill them)")
+            raise PrepareError(f"{path}: column '{column}' ({roles[column]}) has {nulls} null values; ids, "
+                               "timestamps and numeric columns must be set on every row (a query source can fill them)")
+    for column, count in zip(numbers, bad[len(keys):len(keys) + len(numbers)]):
+        if count:
+            raise PrepareError(f"{path}: column '{column}' ({roles[column]}) has {count} NaN or infinite values; "
+                               "numeric columns must be finite")
+    bad = bad[:len(keys)] + bad[len(keys) + len(numbers):]
     if c.action_bits is not None and bad[-1]:
         raise PrepareError(f"{path}: column '{c.action_bits}' (columns.action_bits) has {bad[-1]} values that are "
                            f"null or not a multi-hot of the {len(c.actions)} actions (0..{2 ** len(c.actions) - 1})")

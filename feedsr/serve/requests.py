@@ -40,8 +40,7 @@ from feedsr.data.batch import BatchSpec
 from feedsr.data.block import SequenceBlock
 from feedsr.data.reader import ReadSpec, table_block
 from feedsr.data.schema import (
-    CONTEXT_PREFIX,
-    DENSE_PREFIX,
+    FLOAT_PREFIXES,
     UNKNOWN_POSITION,
     DataError,
     check_schema,
@@ -51,8 +50,6 @@ from feedsr.serve.candidates import Candidates, candidate_features
 
 CANDIDATE_PREFIX = "cand_"
 REQUEST_TIME = "request_time"
-# The candidates' float columns (after ``cand_``): read as float32, every value finite.
-NUMERIC_PREFIXES = (DENSE_PREFIX, CONTEXT_PREFIX)
 
 
 @dataclass
@@ -159,10 +156,10 @@ def read_candidates(table: pa.Table, columns: list[str], history: SequenceBlock,
             raise fail(row, f"column '{name}' has {lengths[row]} candidates but '{first}' has {counts[row]}")
         flat = column.flatten().to_numpy(zero_copy_only=False)
         feature = name[len(CANDIDATE_PREFIX):]
-        values[feature] = flat.astype(np.float32 if feature.startswith(NUMERIC_PREFIXES) else np.int64)
+        values[feature] = flat.astype(np.float32 if feature.startswith(FLOAT_PREFIXES) else np.int64)
     owner = np.repeat(np.arange(len(counts)), counts)
     for feature, flat in values.items():
-        if feature.startswith(NUMERIC_PREFIXES):
+        if feature.startswith(FLOAT_PREFIXES):
             bad, what = ~np.isfinite(flat), "a non-finite value"
         elif feature == "positions":
             bad, what = flat < UNKNOWN_POSITION, f"a value below {UNKNOWN_POSITION}"
