@@ -161,15 +161,37 @@ def test_both_models_train(name):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+def test_residual_forms_compute_what_they_name():
+    """rescale: x + alpha f(LN(x)); plain: x + f(LN(x)), no scalars; post_ln: LN(x + f(x))."""
+    from feedsr.model.transformer import DecoderBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    blocks = {r: DecoderBlock(16, 2, 32, 0.0, 0.0, 0.3, r).eval() for r in ("rescale", "plain", "post_ln")}
+    plain, rescale, post = blocks["plain"], blocks["rescale"], blocks["post_ln"]
+    assert not any("alpha" in n for n, _ in plain.named_parameters())
+    rescale.load_state_dict(plain.state_dict() | {"alpha_attn": torch.tensor(0.3), "alpha_ffn": torch.tensor(0.3)})
+    post.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        h = x + plain.attn(plain.ln_attn(x), None, None)
+        torch.testing.assert_close(plain(x, None, None), h + plain.ffn(plain.ln_ffn(h)))
+        h = x + 0.3 * plain.attn(plain.ln_attn(x), None, None)
+        torch.testing.assert_close(rescale(x, None, None), h + 0.3 * plain.ffn(plain.ln_ffn(h)))
+        h = plain.ln_attn(x + plain.attn(x, None, None))
+        torch.testing.assert_close(post(x, None, None), plain.ln_ffn(h + plain.ffn(h)))
+
+
+@pytest.mark.parametrize("residual", ["rescale", "plain", "post_ln"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_transformer_keep_equals_selecting_afterwards(masked):
+def test_transformer_keep_equals_selecting_afterwards(masked, residual):
     from feedsr.model.transformer import Transformer, interleaved_mask
 
     torch.manual_seed(0)
-    net = Transformer(16, 2, 2, 32, 0.0, 0.0, 0.5).eval()
+    net = Transformer(16, 2, 2, 32, 0.0, 0.0, 0.5, residual).eval()
     for block in net.blocks:  # non-trivial residual scales
-        block.alpha_attn.data.fill_(0.7)
-        block.alpha_ffn.data.fill_(1.3)
+        if residual == "rescale":
+            block.alpha_attn.data.fill_(0.7)
+            block.alpha_ffn.data.fill_(1.3)
     lengths = torch.tensor([3, 5, 1])
     x = torch.randn(3, 10, 16)
     mask = interleaved_mask(lengths, 5, None, history=False) if masked else None
@@ -225,6 +247,7 @@ def test_session_gap_comes_from_the_batch_spec():
     (lambda: ModelConfig(rope_time_unit_s=0.0), "model.rope_time_unit_s must be > 0, got 0.0"),
     (lambda: ModelConfig(rope_base=0.0), "model.rope_base must be > 1, got 0.0"),
     (lambda: ModelConfig(residual_init=-0.1), "model.residual_init must be >= 0, got -0.1"),
+    (lambda: ModelConfig(residual="postln"), "model.residual must be one of rescale, plain, post_ln, got 'postln'"),
     (lambda: ModelConfig(residual_init=float("nan")), "model.residual_init must be >= 0, got nan"),
     (lambda: ModelConfig(d_model=0), "model.d_model must be >= 1 or null, got 0"),
     (lambda: ModelConfig(dcn_cross_layers=-1), "model.dcn_cross_layers must be >= 0, got -1"),

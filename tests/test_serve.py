@@ -24,6 +24,7 @@ CONFIGS = {
     "logged_position": {"position_bias": PositionBiasConfig(score_position=None)},
     "session_mask": {"session_mask": True},
     "no_history": {"use_history": False},
+    "post_ln": {"residual": "post_ln"},  # the block form without RescaleAndAdd, for the HDET tests
 }
 # (history lengths, candidates per member): one member; padded batches, one member without candidates
 CASES = [([1], [1]), ([6], [3]), ([9], [17]), ([5, 1, 9], [3, 17, 1]), ([4, 7], [0, 5])]

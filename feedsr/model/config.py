@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from feedsr.model.heads import HeadConfig, check_widths
+from feedsr.model.transformer import RESIDUALS
 
 if TYPE_CHECKING:
     from feedsr.data.config import DataConfig
@@ -44,6 +45,7 @@ class ModelConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.0
     residual_init: float = 0.1  # alpha in x + alpha * f(LN(x))
+    residual: str = "rescale"  # rescale: x + alpha f(LN(x)) | plain: x + f(LN(x)) | post_ln: LN(x + f(x))
     position_encoding: str = "rope"  # rope | learned | none
     rope_base: float = 10_000.0
     rope_time: bool = False  # half of the rotary pairs turn with time instead of position
@@ -71,6 +73,8 @@ class ModelConfig:
             raise ValueError(f"model.d_model must be >= 1 or null, got {self.d_model}")
         if not 0 <= self.dropout < 1 or not 0 <= self.attn_dropout < 1:
             raise ValueError(f"model dropouts must be in [0, 1), got {self.dropout}, {self.attn_dropout}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"model.residual must be one of {', '.join(RESIDUALS)}, got '{self.residual}'")
         self._check_scales()
         if self.dcn_cross_layers < 0:
             raise ValueError(f"model.dcn_cross_layers must be >= 0, got {self.dcn_cross_layers}")

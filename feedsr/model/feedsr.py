@@ -53,7 +53,7 @@ class FeedSR(nn.Module):
             self.abs_positions = nn.Embedding(max_seq_len, width)
             nn.init.zeros_(self.abs_positions.weight)
         self.transformer = Transformer(width, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
-                                       cfg.attn_dropout, cfg.residual_init)
+                                       cfg.attn_dropout, cfg.residual_init, cfg.residual)
         head_in = width + (context_dim if cfg.late_fusion else 0)
         self.head = build_head(cfg.head, head_in, task_groups)
         self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))

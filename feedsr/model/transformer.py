@@ -2,7 +2,9 @@
 
 A block is ``x + alpha * f(LN(x))`` twice (attention, then FFN), with ``alpha`` a learnable scalar
 initialised small: the paper found plain residuals unstable and training without pre-LN collapsing
-to AUC 0.5.
+to AUC 0.5. The two forms it warns against are offered for that comparison (``RESIDUALS``):
+``plain`` (``x + f(LN(x))``, pre-LN, no scalar) and ``post_ln`` (``LN(x + f(x))``, the original
+Transformer's block, known to need a warm-up).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from feedsr.model.rope import apply_rope
+
+RESIDUALS = ("rescale", "plain", "post_ln")
 
 
 # (q, k, v, scale) -> (B, H, S, Dh): an attention step; q, k, v are (B, H, S, Dh) after RoPE.
@@ -73,31 +77,41 @@ class SelfAttention(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(
         self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, attn_dropout: float,
-        residual_init: float,
+        residual_init: float, residual: str = "rescale",
     ):
         super().__init__()
+        self.residual = residual
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = SelfAttention(d_model, num_heads, attn_dropout)
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
         self.dropout = nn.Dropout(dropout)
-        self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
-        self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
+        if residual == "rescale":
+            self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
+            self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
 
     def forward(self, x, angles, attn_mask, attend: Attend | None = None, keep: torch.Tensor | None = None):
         """x (B, S, D) -> (B, S, D); with ``keep`` (B, S) bool, only those tokens, flat (N, D)."""
+        if self.residual == "post_ln":
+            y = self.attn(x, angles, attn_mask, attend, keep)
+            x = self.ln_attn((x if keep is None else x[keep]) + self.dropout(y))
+            return self.ln_ffn(x + self.dropout(self.ffn(x)))
         y = self.attn(self.ln_attn(x), angles, attn_mask, attend, keep)
-        x = (x if keep is None else x[keep]) + self.alpha_attn * self.dropout(y)
-        return x + self.alpha_ffn * self.dropout(self.ffn(self.ln_ffn(x)))
+        x = (x if keep is None else x[keep]) + self._scaled("alpha_attn", self.dropout(y))
+        return x + self._scaled("alpha_ffn", self.dropout(self.ffn(self.ln_ffn(x))))
+
+    def _scaled(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name) * y if self.residual == "rescale" else y
 
 
 class Transformer(nn.Module):
     """A stack of decoder blocks and a final LayerNorm (pre-LN stacks need one at the end)."""
 
-    def __init__(self, d_model, num_layers, num_heads, ffn_dim, dropout, attn_dropout, residual_init):
+    def __init__(self, d_model, num_layers, num_heads, ffn_dim, dropout, attn_dropout, residual_init,
+                 residual: str = "rescale"):
         super().__init__()
         self.blocks = nn.ModuleList(
-            DecoderBlock(d_model, num_heads, ffn_dim, dropout, attn_dropout, residual_init)
+            DecoderBlock(d_model, num_heads, ffn_dim, dropout, attn_dropout, residual_init, residual)
             for _ in range(num_layers)
         )
         self.ln_out = nn.LayerNorm(d_model)
