@@ -65,7 +65,9 @@ def test_meta_update_matches_hand_computation():
     h = hdet_for(0, 4, warm_steps=0, converge_every=10, sigma=0.1, lam=0.5, beta=0.9)
     losses = np.array([1.00, 0.95, 1.05, 0.90])
     step = 20
-    values = np.array([h.learning_rates(step, r)["dense"] for r in range(4)])
+    # the rates the window (steps 10..19) trained with, not the next step's
+    values = np.array([np.mean([h.learning_rates(t, r)["dense"] for t in range(10, 20)]) for r in range(4)])
+    assert not np.allclose(values, [h.learning_rates(step, r)["dense"] for r in range(4)])
     # by hand
     s = (losses.mean() - losses) / 0.1
     w = np.exp(s) / np.exp(s).sum()
@@ -92,6 +94,41 @@ def test_base_decays_to_the_floor_without_signal_and_is_clamped():
     e.base = 1.0
     e.update(np.array([1.0, 0.0, 1.0, 1.0]), np.array([10.0, 1000.0, 1.0, 1.0]), 0.1, 0.0, 1.0, 0.0, 0.0, 2.0)
     assert e.base == 2.0  # clamped
+
+
+def test_schedule_mode_steers_a_factor_on_the_schedule():
+    """auto_lr_mode=schedule: the base is a factor on OneCycle, moved by the replicas' losses and
+    never decayed, so the run keeps the schedule's shape; the replica that trained with the highest
+    rate over the window winning raises the factor, by the hand-computed amount."""
+    h = hdet_for(0, 4, warm_steps=0, converge_every=10, auto_lr_mode="schedule", lr_max_factor=3.0)
+    explorer = h.lr["dense"]
+    rho = np.array([explorer.rho(r) for r in range(4)])
+    losses = np.where(rho == rho.max(), 0.9, 1.0)  # the fastest replica had the lowest loss
+    s = (losses.mean() - losses) / 0.1
+    w = np.exp(s) / np.exp(s).sum()
+    expected = 1.0 + 0.5 * 0.1 * ((w * rho).sum() - rho.mean())
+    h._update_learning_rates(20, losses)
+    assert math.isclose(explorer.base, expected, rel_tol=1e-12) and explorer.base > 1
+    for step in (25, 60, 99):  # between converges: the schedule times the factor, spread around it
+        values = [h.learning_rates(step, r)["dense"] for r in range(4)]
+        assert math.isclose(np.mean(values), expected * SCHEDULE(step), rel_tol=1e-12)
+        assert math.isclose(h.base_learning_rates(step)["dense"], expected * SCHEDULE(step), rel_tol=1e-12)
+    for step in range(30, 101, 10):  # equal losses: no signal, no decay (the geometric mode decays)
+        h._update_learning_rates(step, np.ones(4))
+    assert explorer.base > 1
+    for step in range(10, 400, 10):  # always the fastest replica wins: clamped at lr_max_factor
+        rho = np.array([explorer.rho(r) for r in range(4)])
+        h._update_learning_rates(step, np.where(rho == rho.max(), 0.0, 1.0))
+    assert explorer.base == 3.0
+
+
+def test_window_rates_follow_the_schedule_before_the_first_update():
+    h = hdet_for(2, 4, converge_every=10)
+    used = h.window_learning_rates(30, 10)
+    for r in range(4):
+        for i, g in enumerate(h.lr):
+            expected = np.mean([SCHEDULE(t) * h.lr[g].rho(r) for t in range(20, 30)])
+            assert math.isclose(used[r, i], expected, rel_tol=1e-12)
 
 
 def test_dropout_scalar_scales_configured_rates_and_keeps_zeros():

@@ -321,6 +321,8 @@ def test_log_every_sets_the_records(synthetic_dir, tmp_path):
     ("trainer.val_max_rows=0", r"trainer.val_max_rows must be >= 1 or null"),
     ("trainer.log_every=0", r"trainer.log_every must be >= 1, got 0"),
     ("trainer.hdet.clean_batch_rows=0", r"trainer.hdet.clean_batch_rows must be >= 1, got 0"),
+    ("trainer.hdet.auto_lr_mode=floor", r"trainer.hdet.auto_lr_mode must be geometric or schedule, got 'floor'"),
+    ("model.residual=none", r"model.residual must be one of rescale, plain, post_ln, got 'none'"),
 ])
 def test_config_holes_fail_at_validation(override, message):
     with pytest.raises(ConfigError, match=message):

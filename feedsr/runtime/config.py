@@ -92,11 +92,14 @@ class HDETConfig:
     alpha: float = 1 / 9  # learning-rate spread; 0 = plain DDP
     converge_every: int = 1000  # T
     auto_lr: bool = True
+    # geometric: the paper's base, decayed geometrically to the schedule's floor | schedule: a
+    # factor on the base schedule (the run keeps its shape; the replicas' losses steer its level)
+    auto_lr_mode: str = "geometric"
     warm_steps: int = 0  # S_warm: meta-updates from this step on
     sigma: float = 0.1  # softmax temperature over loss gaps
     lam: float = 0.5  # lambda: step size of the base update
     beta: float = 0.9  # velocity momentum
-    lr_max_factor: float = 10.0  # base clamped to [schedule floor, peak * lr_max_factor]
+    lr_max_factor: float = 10.0  # geometric: base in [floor, peak * this] | schedule: factor in [1/this, this]
     noise: float = 0.0  # warm noisy start: nu (0 = off)
     seed: int = 0  # seeds the shared permutation generator (identical on every rank)
     scalars: list[ScalarConfig] = field(default_factory=list)
@@ -105,6 +108,8 @@ class HDETConfig:
     def __post_init__(self):
         if self.mode not in ("sync", "independent"):
             raise ValueError(f"trainer.hdet.mode must be sync or independent, got '{self.mode}'")
+        if self.auto_lr_mode not in ("geometric", "schedule"):
+            raise ValueError(f"trainer.hdet.auto_lr_mode must be geometric or schedule, got '{self.auto_lr_mode}'")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"trainer.hdet.alpha must be in [0, 1), got {self.alpha}")
         if self.converge_every < 1:

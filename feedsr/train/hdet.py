@@ -57,9 +57,13 @@ class Explorer:
     communicating.
     """
 
-    def __init__(self, name: str, alpha: float, world_size: int, generator: np.random.Generator):
+    def __init__(self, name: str, alpha: float, world_size: int, generator: np.random.Generator,
+                 relative: bool = False):
         self.name, self.alpha, self.world_size = name, alpha, world_size
-        self.base: float | None = None  # None: follow the schedule (before S_warm / no auto)
+        # relative: ``base`` is a factor on the schedule (starts at 1) | absolute: ``base`` is the
+        # value itself, None meaning "follow the schedule" (before S_warm / no auto).
+        self.relative = relative
+        self.base: float | None = 1.0 if relative else None
         self.velocity = 0.0
         self.perm = generator.permutation(world_size).tolist()
 
@@ -67,15 +71,28 @@ class Explorer:
         return multiplier(self.perm[rank], self.world_size, self.alpha)
 
     def value(self, rank: int, scheduled: float) -> float:
-        return (scheduled if self.base is None else self.base) * self.rho(rank)
+        return self.base_value(scheduled) * self.rho(rank)
+
+    def base_value(self, scheduled: float) -> float:
+        """The value around which the replicas spread, given the schedule's at this step."""
+        if self.relative:
+            return self.base * scheduled
+        return scheduled if self.base is None else self.base
 
     def update(self, losses: np.ndarray, values: np.ndarray, sigma: float, beta: float, lam: float,
-               decay: float, low: float, high: float) -> None:
-        """The meta-update: velocity with momentum, decay toward the floor, clamp."""
+               decay: float, low: float, high: float, current: float | None = None) -> None:
+        """The meta-update: velocity with momentum, decay toward the floor, clamp.
+
+        ``values``: what each replica used over the window, in the units of ``base``; ``current``:
+        the base to update when this explorer still follows the schedule (default: their mean).
+        """
         delta = meta_delta(losses, values, sigma)
         self.velocity = beta * self.velocity + (1 - beta) * delta
-        base = values.mean() if self.base is None else self.base  # mean rho is 1
-        self.base = float(min(max((1 - decay) * base + lam * self.velocity, low), high))
+        if self.base is not None:
+            current = self.base
+        elif current is None:
+            current = values.mean()  # mean rho is 1
+        self.base = float(min(max((1 - decay) * current + lam * self.velocity, low), high))
 
     def redraw(self, generator: np.random.Generator) -> None:
         self.perm = generator.permutation(self.world_size).tolist()
@@ -164,7 +181,8 @@ class HDET:
         # Identically seeded on every rank and advanced identically: the permutations agree
         # without communication. Independent of torch's global RNG (dropout stays per rank).
         self.generator = np.random.default_rng(cfg.seed)
-        self.lr = {g: Explorer(f"lr/{g}", cfg.alpha, world_size, self.generator) for g in groups}
+        relative = cfg.auto_lr_mode == "schedule"
+        self.lr = {g: Explorer(f"lr/{g}", cfg.alpha, world_size, self.generator, relative) for g in groups}
         self.scalars = {}
         for sc in cfg.scalars:
             explorer = Explorer(sc.name, sc.alpha, world_size, self.generator)
@@ -183,7 +201,15 @@ class HDET:
 
     def base_learning_rates(self, step: int) -> dict[str, float]:
         scheduled = self.schedule(step)
-        return {g: scheduled if e.base is None else e.base for g, e in self.lr.items()}
+        return {g: e.base_value(scheduled) for g, e in self.lr.items()}
+
+    def window_learning_rates(self, step: int, window_steps: int) -> np.ndarray:
+        """(world, groups): each replica's mean learning rate over the ``window_steps`` optimizer
+        steps before ``step``, i.e. the rates the window's losses were trained with (the base and
+        the permutations change only at converges, so every rank can compute every rank's)."""
+        steps = range(max(step - window_steps, 0), step)
+        return np.array([[np.mean([self.learning_rates(s, r)[g] for s in steps]) for g in self.lr]
+                         for r in range(self.world_size)])
 
     def scalar_values(self, rank: int | None = None) -> dict[str, float]:
         rank = self.rank if rank is None else rank
@@ -208,22 +234,37 @@ class HDET:
         losses = all_gather(mine).numpy()  # (W, 2): window loss, clean loss per rank
         report = {"step": step, "window_losses": losses[:, 0].tolist(), "updated": False}
         if self.cfg.auto_lr and step >= self.cfg.warm_steps and np.isfinite(losses[:, 0]).all():
-            self._update_learning_rates(step, losses[:, 0])
+            self._update_learning_rates(step, losses[:, 0], self.window_steps)
             report["updated"] = True
         if self.scalars and np.isfinite(losses[:, 1]).all():
             self._update_scalars(losses[:, 1])
         average_parameters(params)
+        report["averaged_values"] = sum(p.numel() for p in params)
         self.window_sum, self.window_steps = 0.0, 0
         return report
 
-    def _update_learning_rates(self, step: int, losses: np.ndarray) -> None:
+    def _update_learning_rates(self, step: int, losses: np.ndarray, window_steps: int | None = None) -> None:
+        """The meta-update of every group's base from the window's losses and learning rates.
+
+        ``geometric`` (the paper): the base is a learning rate, decayed geometrically toward the
+        schedule's floor over the remaining converges. ``schedule``: the base is a factor on the
+        schedule, not decayed (the schedule decays), clamped to [1/lr_max_factor, lr_max_factor].
+        """
+        window = self.cfg.converge_every if window_steps is None else window_steps
+        used = self.window_learning_rates(step, window)  # (world, groups)
         remaining = math.ceil(max(self.total_steps - step, 0) / self.cfg.converge_every)
-        floor, high = self.schedule.floor, self.schedule.peak * self.cfg.lr_max_factor
-        for g, explorer in self.lr.items():
-            values = np.array([self.learning_rates(step, r)[g] for r in range(self.world_size)])
-            current = values.mean() if explorer.base is None else explorer.base
-            decay = decay_factor(current, floor, remaining)
-            explorer.update(losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam, decay, floor, high)
+        for i, (g, explorer) in enumerate(self.lr.items()):
+            values = used[:, i]
+            if explorer.relative:  # in schedule units: what each replica's rate was, over the schedule's
+                steps = range(max(step - window, 0), step)
+                values = values / np.mean([self.schedule(s) for s in steps])
+                explorer.update(losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam, 0.0,
+                                1 / self.cfg.lr_max_factor, self.cfg.lr_max_factor)
+            else:
+                current = self.schedule(step) if explorer.base is None else explorer.base
+                explorer.update(losses, values, self.cfg.sigma, self.cfg.beta, self.cfg.lam,
+                                decay_factor(current, self.schedule.floor, remaining), self.schedule.floor,
+                                self.schedule.peak * self.cfg.lr_max_factor, current)
             explorer.redraw(self.generator)
 
     def _update_scalars(self, clean_losses: np.ndarray) -> None:
