@@ -431,3 +431,31 @@ def test_clean_batch_is_a_training_holdout_never_trained_on(synthetic_dir, tmp_p
         trained = [k for batch in trainer.train_loader for k in key(batch)]
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in (synthetic_dir / "train").glob("*.parquet"))
     assert len(trained) == total - rows and not set(expected) & set(trained)
+
+
+def test_hdet_experiment_script_runs_reuses_and_counts_communication(synthetic_dir, tmp_path):
+    """scripts/hdet_experiment.py end to end on the tiny data: HDET with synchronous and with
+    independent replicas in real torchrun processes, the JSON's figures from the runs' own logs,
+    the values communicated per step from the converges, and a rerun reusing the finished runs."""
+    out, runs = tmp_path / "replicas.json", tmp_path / "runs"
+    cmd = [sys.executable, "scripts/hdet_experiment.py", "replicas", "--nproc", "2", "--seeds", "0",
+           "--steps", "4", "--converge-every", "2", "--modes", "schedule", "--data", str(synthetic_dir),
+           "--runs", str(runs), "--out", str(out), "--collapse-auc", "0"]  # 4 steps: any AUC counts
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["summary"]}
+    assert list(rows) == ["hdet_schedule_top", "hdet_schedule_top_independent"]
+    sync, independent = rows["hdet_schedule_top"], rows["hdet_schedule_top_independent"]
+    run = next(r for r in report["runs"] if r["config"] == "hdet_schedule_top")
+    conv = [json.loads(x) for x in (runs / "hdet_schedule_top_seed0" / "hdet_converges.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in conv] == [2, 4] and run["converges"] == 2
+    n = conv[-1]["averaged_values"]
+    assert n > 1000 and sync["communicated_per_step"] == n + n * 2 / 4
+    assert independent["communicated_per_step"] == n * 2 / 4
+    valid = json.loads((runs / "hdet_schedule_top_seed0" / "valid_metrics.jsonl").read_text().splitlines()[-1])
+    assert sync["click_auc"] == valid["metrics"]["click"]["auc"] and sync["diverged"] == 0
+    assert "| hdet_schedule_top_independent | 0/1 | " in done.stdout
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert json.loads(out.read_text())["runs"] == report["runs"]  # reused, seconds included
