@@ -9,7 +9,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 PYSPARK := pyspark==4.0.1
 
-.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-synthetic bench-reader clean
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-synthetic bench-hdet bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -78,6 +78,13 @@ bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best confi
 bench-synthetic: $(STAMP) ## the synthetic benchmark: oracle, Feed-SR, DCNv2, no history, trees; 3 seeds, by history length (docs/benchmarks.md)
 	$(PY) scripts/benchmark_synthetic.py --seeds 0 1 2 --parallel 2 \
 		--json docs/benchmark_synthetic.json --markdown runs/benchmark_synthetic.md
+
+bench-hdet: $(STAMP) ## HDET: sweep vs one run, divergence search, stability, sync vs independent replicas; 4 processes (docs/hdet.md)
+	$(PY) scripts/hdet_experiment.py sweep --out docs/hdet_sweep.json
+	$(PY) scripts/hdet_experiment.py search --out docs/hdet_search.json
+	$(PY) scripts/hdet_experiment.py search --search-residuals rescale --search-lrs 0.1 --out docs/hdet_search_rescale.json
+	$(PY) scripts/hdet_experiment.py stability --lr 0.1 --residual post_ln --out docs/hdet_stability.json
+	$(PY) scripts/hdet_experiment.py replicas --modes schedule --out docs/hdet_replicas.json
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
 	$(PY) scripts/bench_reader.py

@@ -12,7 +12,9 @@ model, data order, seeds and number of steps, no gradient clipping (so that inst
 
 - ``sweep``: plain DDP at 5 peak rates spanning ``--span`` (30x) below ``--top-lr``, against one
   HDET run started at the top rate with each auto-LR variant (``geometric``: the paper's decay to
-  the floor; ``schedule``: a factor on OneCycle). One HDET run costs a fifth of the sweep.
+  the floor; ``schedule``: a factor on OneCycle), with the paper's constants, and one with the
+  ``schedule`` variant set to be able to cross the range (``WIDE``). One HDET run costs a fifth
+  of the sweep.
 - ``search``: the unstable regime (``--unstable``: plain residuals without the paper's rescale,
   post-LN, no warm-up), plain DDP at rising rates, one seed: where does it diverge?
 - ``stability``: in that regime at ``--lr``: plain DDP vs HDET without auto-LR and with each
@@ -72,10 +74,19 @@ def parse_args(argv=None):
     return args
 
 
-def hdet(args, mode: str | None, replicas: str = "sync") -> list[str]:
+# HDET set so that auto-LR can cross the sweep's range in one run: with the paper's alpha = 1/9
+# and lambda = 0.5 the base moves by at most ~lambda * alpha = 5.5% per converge, i.e. < 2x over
+# the ~10 converges of a 300-step run. A wider spread (alpha 0.5), twice as many converges, and the
+# learning rates scored on the held-out rows (the same rows for every replica, so the gaps are the
+# rates' and not the data's, sigma sized for them). Set by that arithmetic, not searched.
+WIDE = ["trainer.hdet.lr_score=clean", "trainer.hdet.alpha=0.5", "trainer.hdet.sigma=0.01"]
+
+
+def hdet(args, mode: str | None, replicas: str = "sync", every: int | None = None) -> list[str]:
     """HDET overrides; ``mode`` None: without auto-LR (spread and averaging only)."""
-    out = ["trainer=hdet", f"trainer.hdet.converge_every={args.converge_every}",
-           f"trainer.hdet.warm_steps={2 * args.converge_every}", f"trainer.hdet.mode={replicas}"]
+    every = every or args.converge_every
+    out = ["trainer=hdet", f"trainer.hdet.converge_every={every}",
+           f"trainer.hdet.warm_steps={2 * every}", f"trainer.hdet.mode={replicas}"]
     return out + (["trainer.hdet.auto_lr=false"] if mode is None else [f"trainer.hdet.auto_lr_mode={mode}"])
 
 
@@ -89,7 +100,9 @@ def configurations(args) -> dict[str, list[str]]:
     unstable = args.unstable.split()
     if args.experiment == "sweep":
         runs = {f"ddp_lr{lr:.4g}": [f"optimizer.lr={lr}"] for lr in sweep_rates(args)}
-        return runs | {f"hdet_{m}_top": [top, *hdet(args, m)] for m in ("geometric", "schedule")}
+        runs |= {f"hdet_{m}_top": [top, *hdet(args, m)] for m in ("geometric", "schedule")}
+        every = max(args.converge_every // 2, 1)
+        return runs | {"hdet_schedule_wide_top": [top, *hdet(args, "schedule", every=every), *WIDE]}
     if args.experiment == "search":
         return {f"ddp_{res}_lr{lr:g}": [*unstable, f"model.residual={res}", f"optimizer.lr={lr}"]
                 for res in args.search_residuals for lr in args.search_lrs}

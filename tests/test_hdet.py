@@ -225,10 +225,12 @@ def _converge_behaviour(rank, world_size, data_dir, run_root, out, extra):
         Path(out).write_text(json.dumps(log))
 
 
-@pytest.mark.parametrize("mode,auto_lr", [("sync", True), ("sync", False), ("independent", True)])
-def test_converge_in_real_processes(synthetic_dir, tmp_path, mode, auto_lr):
+@pytest.mark.parametrize("mode,auto_lr,score", [("sync", True, "train"), ("sync", False, "train"),
+                                                ("independent", True, "train"), ("sync", True, "clean")])
+def test_converge_in_real_processes(synthetic_dir, tmp_path, mode, auto_lr, score):
     out = tmp_path / "log.json"
-    extra = [f"trainer.hdet.mode={mode}", f"trainer.hdet.auto_lr={str(auto_lr).lower()}"]
+    extra = [f"trainer.hdet.mode={mode}", f"trainer.hdet.auto_lr={str(auto_lr).lower()}",
+             f"trainer.hdet.lr_score={score}", "trainer.hdet.clean_batch_rows=32"]
     run_ranks(_converge_behaviour, 2, str(synthetic_dir), str(tmp_path), str(out), extra)
     log = json.loads(out.read_text())
     states = {(kind, step): value for kind, step, value in log}
@@ -250,6 +252,12 @@ def test_converge_in_real_processes(synthetic_dir, tmp_path, mode, auto_lr):
     if auto_lr:  # after the first meta-update (step 3 >= warm_steps) the base is HDET's own
         rank0, rank1 = states[("lrs", 7)]
         assert not math.isclose((rank0["dense"] + rank1["dense"]) / 2, states[("schedule", 7)])
+    converges = [json.loads(x) for x in (tmp_path / "conv" / "hdet_converges.jsonl").read_text().splitlines()]
+    for c in converges:  # the losses that scored the rates: every replica's, of the kind asked for
+        assert c["updated"] is auto_lr and ("clean_losses" in c) is (score == "clean")
+        if auto_lr:
+            assert c["lr_losses"] == c["clean_losses" if score == "clean" else "window_losses"]
+            assert len(set(c["lr_losses"])) == 2
 
 
 def _independent_no_sync(rank, world_size, data_dir, run_root, out):

@@ -322,6 +322,7 @@ def test_log_every_sets_the_records(synthetic_dir, tmp_path):
     ("trainer.log_every=0", r"trainer.log_every must be >= 1, got 0"),
     ("trainer.hdet.clean_batch_rows=0", r"trainer.hdet.clean_batch_rows must be >= 1, got 0"),
     ("trainer.hdet.auto_lr_mode=floor", r"trainer.hdet.auto_lr_mode must be geometric or schedule, got 'floor'"),
+    ("trainer.hdet.lr_score=valid", r"trainer.hdet.lr_score must be train or clean, got 'valid'"),
     ("model.residual=none", r"model.residual must be one of rescale, plain, post_ln, got 'none'"),
 ])
 def test_config_holes_fail_at_validation(override, message):

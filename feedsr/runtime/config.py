@@ -95,6 +95,9 @@ class HDETConfig:
     # geometric: the paper's base, decayed geometrically to the schedule's floor | schedule: a
     # factor on the base schedule (the run keeps its shape; the replicas' losses steer its level)
     auto_lr_mode: str = "geometric"
+    # what scores the learning rates: train (each replica's window training loss, the paper's; on
+    # its own data) | clean (each replica's loss on the same held-out training rows, no dropout)
+    lr_score: str = "train"
     warm_steps: int = 0  # S_warm: meta-updates from this step on
     sigma: float = 0.1  # softmax temperature over loss gaps
     lam: float = 0.5  # lambda: step size of the base update
@@ -103,13 +106,15 @@ class HDETConfig:
     noise: float = 0.0  # warm noisy start: nu (0 = off)
     seed: int = 0  # seeds the shared permutation generator (identical on every rank)
     scalars: list[ScalarConfig] = field(default_factory=list)
-    clean_batch_rows: int = 256  # held-out rows for the clean loss (scalars)
+    clean_batch_rows: int = 256  # held-out rows for the clean loss (scalars, lr_score=clean)
 
     def __post_init__(self):
         if self.mode not in ("sync", "independent"):
             raise ValueError(f"trainer.hdet.mode must be sync or independent, got '{self.mode}'")
         if self.auto_lr_mode not in ("geometric", "schedule"):
             raise ValueError(f"trainer.hdet.auto_lr_mode must be geometric or schedule, got '{self.auto_lr_mode}'")
+        if self.lr_score not in ("train", "clean"):
+            raise ValueError(f"trainer.hdet.lr_score must be train or clean, got '{self.lr_score}'")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"trainer.hdet.alpha must be in [0, 1), got {self.alpha}")
         if self.converge_every < 1:

@@ -233,9 +233,12 @@ class HDET:
         mine = torch.tensor([window, float("nan") if clean_loss is None else clean_loss], dtype=torch.float64)
         losses = all_gather(mine).numpy()  # (W, 2): window loss, clean loss per rank
         report = {"step": step, "window_losses": losses[:, 0].tolist(), "updated": False}
-        if self.cfg.auto_lr and step >= self.cfg.warm_steps and np.isfinite(losses[:, 0]).all():
-            self._update_learning_rates(step, losses[:, 0], self.window_steps)
-            report["updated"] = True
+        if clean_loss is not None:
+            report["clean_losses"] = losses[:, 1].tolist()
+        scores = losses[:, 1] if self.cfg.lr_score == "clean" else losses[:, 0]
+        if self.cfg.auto_lr and step >= self.cfg.warm_steps and np.isfinite(scores).all():
+            self._update_learning_rates(step, scores, self.window_steps)
+            report["updated"], report["lr_losses"] = True, scores.tolist()
         if self.scalars and np.isfinite(losses[:, 1]).all():
             self._update_scalars(losses[:, 1])
         average_parameters(params)

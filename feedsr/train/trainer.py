@@ -171,7 +171,8 @@ class Trainer:
         self.loss_fn.to(ctx.device)
         # HDET's clean loss scores a slice of the training split held out from training: the
         # validation split picks and reports checkpoints, so it must not steer training too.
-        self.clean_rows = hdet.clean_batch_rows if hdet.enabled and hdet.scalars else 0
+        needs_clean = hdet.scalars or hdet.lr_score == "clean"
+        self.clean_rows = hdet.clean_batch_rows if hdet.enabled and needs_clean else 0
         self.train_loader = self._loader(cfg.data.train_split, train=True)
         self._check_splits()
         self.state = TrainState()
