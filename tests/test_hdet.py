@@ -62,7 +62,7 @@ def test_permutations_agree_across_ranks_and_differ_across_groups():
 
 
 def test_meta_update_matches_hand_computation():
-    h = hdet_for(0, 4, warm_steps=0, converge_every=10, sigma=0.1, lam=0.5, beta=0.9)
+    h = hdet_for(0, 4, warm_steps=0, converge_every=10, sigma=0.1, lam=0.5, beta=0.9, auto_lr_mode="geometric")
     losses = np.array([1.00, 0.95, 1.05, 0.90])
     step = 20
     # the rates the window (steps 10..19) trained with, not the next step's
@@ -85,7 +85,7 @@ def test_meta_update_matches_hand_computation():
 
 
 def test_base_decays_to_the_floor_without_signal_and_is_clamped():
-    h = hdet_for(0, 4, converge_every=10, lr_max_factor=2.0)
+    h = hdet_for(0, 4, converge_every=10, lr_max_factor=2.0, auto_lr_mode="geometric")
     for step in range(10, 101, 10):
         h._update_learning_rates(step, np.ones(4))  # equal losses: no velocity
     assert math.isclose(h.lr["dense"].base, SCHEDULE.floor, rel_tol=1e-9)
@@ -225,12 +225,14 @@ def _converge_behaviour(rank, world_size, data_dir, run_root, out, extra):
         Path(out).write_text(json.dumps(log))
 
 
-@pytest.mark.parametrize("mode,auto_lr,score", [("sync", True, "train"), ("sync", False, "train"),
-                                                ("independent", True, "train"), ("sync", True, "clean")])
-def test_converge_in_real_processes(synthetic_dir, tmp_path, mode, auto_lr, score):
+@pytest.mark.parametrize("mode,auto_lr,score,lr_mode", [
+    ("sync", True, "train", "geometric"), ("sync", False, "train", "schedule"),
+    ("independent", True, "train", "schedule"), ("sync", True, "clean", "schedule")])
+def test_converge_in_real_processes(synthetic_dir, tmp_path, mode, auto_lr, score, lr_mode):
     out = tmp_path / "log.json"
     extra = [f"trainer.hdet.mode={mode}", f"trainer.hdet.auto_lr={str(auto_lr).lower()}",
-             f"trainer.hdet.lr_score={score}", "trainer.hdet.clean_batch_rows=32"]
+             f"trainer.hdet.lr_score={score}", "trainer.hdet.clean_batch_rows=32",
+             f"trainer.hdet.auto_lr_mode={lr_mode}"]
     run_ranks(_converge_behaviour, 2, str(synthetic_dir), str(tmp_path), str(out), extra)
     log = json.loads(out.read_text())
     states = {(kind, step): value for kind, step, value in log}

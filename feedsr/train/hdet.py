@@ -2,7 +2,10 @@
 
 Each data-parallel replica (rank) trains with its own learning rate around a shared base; every
 ``converge_every`` steps the replicated parameters are averaged, and (auto-LR) the replicas' losses
-move the base. Implemented as the paper describes it, not as its reference scheduler behaves (see
+move the base: either the paper's base learning rate, decayed geometrically toward the schedule's
+floor (``auto_lr_mode=geometric``), or a factor on the schedule, so the run keeps OneCycle's shape
+(``schedule``). The losses are each replica's window training loss (the paper's) or its loss on
+held-out training rows that every replica scores (``lr_score=clean``). Implemented as the paper describes it, not as its reference scheduler behaves (see
 HDET.md): the spread applies from step 1, averaging does not depend on auto-LR, the decay pulls the
 base *down* to the schedule's floor, the global RNG is never reseeded, learning rates stay floats,
 nothing is averaged at construction, and a resumed rank keeps its own rank.
