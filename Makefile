@@ -84,7 +84,7 @@ bench-hdet: $(STAMP) ## HDET: sweep vs one run, divergence search, stability, sy
 	$(PY) scripts/hdet_experiment.py search --out docs/hdet_search.json
 	$(PY) scripts/hdet_experiment.py search --search-residuals rescale --search-lrs 0.1 --out docs/hdet_search_rescale.json
 	$(PY) scripts/hdet_experiment.py stability --lr 0.1 --residual post_ln --out docs/hdet_stability.json
-	$(PY) scripts/hdet_experiment.py replicas --modes schedule --out docs/hdet_replicas.json
+	$(PY) scripts/hdet_experiment.py replicas --out docs/hdet_replicas.json
 
 bench-reader: $(STAMP) ## reader throughput (rows/s, sequences/s) on one core
 	$(PY) scripts/bench_reader.py

@@ -161,6 +161,14 @@ def test_state_round_trip_keeps_own_rank():
     b.load_state_dict(a.state_dict())
     assert b.rank == 3
     assert b.learning_rates(40) == a.learning_rates(40, rank=3)
+    other = hdet_for(3, 4, auto_lr_mode="geometric")  # a base that is a factor is no learning rate
+    with pytest.raises(ValueError, match="saved with trainer.hdet.auto_lr_mode=schedule; set "
+                                         "trainer.hdet.auto_lr_mode=schedule to resume it"):
+        other.load_state_dict(a.state_dict())
+    old = {k: v for k, v in hdet_for(1, 4, auto_lr_mode="geometric").state_dict().items() if k != "auto_lr_mode"}
+    other.load_state_dict(old)  # saved before the modes existed: geometric
+    with pytest.raises(ValueError, match="auto_lr_mode=geometric"):
+        b.load_state_dict(old)
 
 
 # ---------------------------------------------------------------------------------- real processes

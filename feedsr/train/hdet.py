@@ -2,13 +2,15 @@
 
 Each data-parallel replica (rank) trains with its own learning rate around a shared base; every
 ``converge_every`` steps the replicated parameters are averaged, and (auto-LR) the replicas' losses
-move the base: either the paper's base learning rate, decayed geometrically toward the schedule's
-floor (``auto_lr_mode=geometric``), or a factor on the schedule, so the run keeps OneCycle's shape
-(``schedule``). The losses are each replica's window training loss (the paper's) or its loss on
-held-out training rows that every replica scores (``lr_score=clean``). Implemented as the paper describes it, not as its reference scheduler behaves (see
-HDET.md): the spread applies from step 1, averaging does not depend on auto-LR, the decay pulls the
-base *down* to the schedule's floor, the global RNG is never reseeded, learning rates stay floats,
-nothing is averaged at construction, and a resumed rank keeps its own rank.
+move the base: either a factor on the schedule, so the run keeps OneCycle's shape
+(``auto_lr_mode=schedule``), or the paper's base learning rate, decayed geometrically toward the
+schedule's floor (``geometric``). The losses are each replica's window training loss (the paper's)
+or its loss on held-out training rows that every replica scores (``lr_score=clean``).
+
+Implemented as the paper describes it, not as its reference scheduler behaves (see HDET.md): the
+spread applies from step 1, averaging does not depend on auto-LR, the decay pulls the base *down*
+to the schedule's floor, the global RNG is never reseeded, learning rates stay floats, nothing is
+averaged at construction, and a resumed rank keeps its own rank.
 
 Pieces, each small and testable on its own:
 
@@ -289,10 +291,19 @@ class HDET:
             "lr": {g: e.state_dict() for g, e in self.lr.items()},
             "scalars": {n: e.state_dict() for n, (_, e, _) in self.scalars.items()},
             "window": (self.window_sum, self.window_steps),
+            "auto_lr_mode": self.cfg.auto_lr_mode,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore shared state; this object's own rank is kept (never the saving rank's)."""
+        """Restore shared state; this object's own rank is kept (never the saving rank's).
+
+        The bases mean different things in the two auto-LR modes (a learning rate, a factor on
+        the schedule), so a state resumes only under the mode that saved it (before the modes
+        existed, states were geometric)."""
+        saved = state.get("auto_lr_mode", "geometric")
+        if saved != self.cfg.auto_lr_mode:
+            raise ValueError(f"this checkpoint's HDET state was saved with trainer.hdet.auto_lr_mode={saved}; "
+                             f"set trainer.hdet.auto_lr_mode={saved} to resume it (now {self.cfg.auto_lr_mode})")
         self.generator.bit_generator.state = state["generator"]
         for g, e in self.lr.items():
             e.load_state_dict(state["lr"][g])
