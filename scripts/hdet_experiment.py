@@ -18,7 +18,8 @@ model, data order, seeds and number of steps, no gradient clipping (so that inst
 - ``search``: the unstable regime (``--unstable``: plain residuals without the paper's rescale,
   post-LN, no warm-up), plain DDP at rising rates, one seed: where does it diverge?
 - ``stability``: in that regime at ``--lr``: plain DDP vs HDET without auto-LR and with each
-  variant; diverged runs counted, the others' loss and AUC.
+  variant, and the wide setting (its spread reaches rates that survive); diverged and collapsed
+  runs counted, the others' loss and AUC.
 - ``replicas``: HDET with gradient-synchronous vs independent replicas at the top rate: loss,
   AUC, training speed and the values communicated per step.
 
@@ -108,8 +109,10 @@ def configurations(args) -> dict[str, list[str]]:
                 for res in args.search_residuals for lr in args.search_lrs}
     if args.experiment == "stability":
         lr = [*unstable, f"model.residual={args.residual}", f"optimizer.lr={args.lr}"]
+        every = max(args.converge_every // 2, 1)
         return {"ddp": lr, "hdet_noauto": [*lr, *hdet(args, None)],
-                **{f"hdet_{m}": [*lr, *hdet(args, m)] for m in ("geometric", "schedule")}}
+                **{f"hdet_{m}": [*lr, *hdet(args, m)] for m in ("geometric", "schedule")},
+                "hdet_schedule_wide": [*lr, *hdet(args, "schedule", every=every), *WIDE]}
     # the synchronous runs are the sweep's own (same run ids and commands: reused when there)
     return {f"hdet_{m}_top{'' if r == 'sync' else '_independent'}": [top, *hdet(args, m, r)]
             for m in args.modes for r in ("sync", "independent")}
