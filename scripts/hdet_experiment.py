@@ -91,6 +91,11 @@ def hdet(args, mode: str | None, replicas: str = "sync", every: int | None = Non
     return out + (["trainer.hdet.auto_lr=false"] if mode is None else [f"trainer.hdet.auto_lr_mode={mode}"])
 
 
+def wide(args) -> list[str]:
+    """HDET with the WIDE settings, converging twice as often as ``--converge-every``."""
+    return [*hdet(args, "schedule", every=max(args.converge_every // 2, 1)), *WIDE]
+
+
 def sweep_rates(args) -> list[float]:
     return [args.top_lr / args.span ** (k / 4) for k in range(4, -1, -1)]
 
@@ -102,17 +107,15 @@ def configurations(args) -> dict[str, list[str]]:
     if args.experiment == "sweep":
         runs = {f"ddp_lr{lr:.4g}": [f"optimizer.lr={lr}"] for lr in sweep_rates(args)}
         runs |= {f"hdet_{m}_top": [top, *hdet(args, m)] for m in ("geometric", "schedule")}
-        every = max(args.converge_every // 2, 1)
-        return runs | {"hdet_schedule_wide_top": [top, *hdet(args, "schedule", every=every), *WIDE]}
+        return runs | {"hdet_schedule_wide_top": [top, *wide(args)]}
     if args.experiment == "search":
         return {f"ddp_{res}_lr{lr:g}": [*unstable, f"model.residual={res}", f"optimizer.lr={lr}"]
                 for res in args.search_residuals for lr in args.search_lrs}
     if args.experiment == "stability":
         lr = [*unstable, f"model.residual={args.residual}", f"optimizer.lr={args.lr}"]
-        every = max(args.converge_every // 2, 1)
         return {"ddp": lr, "hdet_noauto": [*lr, *hdet(args, None)],
                 **{f"hdet_{m}": [*lr, *hdet(args, m)] for m in ("geometric", "schedule")},
-                "hdet_schedule_wide": [*lr, *hdet(args, "schedule", every=every), *WIDE]}
+                "hdet_schedule_wide": [*lr, *wide(args)]}
     # the synchronous runs are the sweep's own (same run ids and commands: reused when there)
     return {f"hdet_{m}_top{'' if r == 'sync' else '_independent'}": [top, *hdet(args, m, r)]
             for m in args.modes for r in ("sync", "independent")}

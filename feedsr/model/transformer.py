@@ -86,6 +86,8 @@ class DecoderBlock(nn.Module):
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d_model))
         self.dropout = nn.Dropout(dropout)
+        # RescaleAndAdd's learnable scalars; None: the plain residual (post_ln adds its own way)
+        self.alpha_attn = self.alpha_ffn = None
         if residual == "rescale":
             self.alpha_attn = nn.Parameter(torch.tensor(float(residual_init)))
             self.alpha_ffn = nn.Parameter(torch.tensor(float(residual_init)))
@@ -97,11 +99,12 @@ class DecoderBlock(nn.Module):
             x = self.ln_attn((x if keep is None else x[keep]) + self.dropout(y))
             return self.ln_ffn(x + self.dropout(self.ffn(x)))
         y = self.attn(self.ln_attn(x), angles, attn_mask, attend, keep)
-        x = (x if keep is None else x[keep]) + self._scaled("alpha_attn", self.dropout(y))
-        return x + self._scaled("alpha_ffn", self.dropout(self.ffn(self.ln_ffn(x))))
+        x = (x if keep is None else x[keep]) + _scaled(self.alpha_attn, self.dropout(y))
+        return x + _scaled(self.alpha_ffn, self.dropout(self.ffn(self.ln_ffn(x))))
 
-    def _scaled(self, name: str, y: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name) * y if self.residual == "rescale" else y
+
+def _scaled(alpha: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    return y if alpha is None else alpha * y
 
 
 class Transformer(nn.Module):
