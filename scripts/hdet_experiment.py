@@ -4,7 +4,7 @@ it survive rates that break plain DDP?
 
     python scripts/hdet_experiment.py sweep --out docs/hdet_sweep.json
     python scripts/hdet_experiment.py search --out docs/hdet_search.json
-    python scripts/hdet_experiment.py stability --lr 0.05 --out docs/hdet_stability.json
+    python scripts/hdet_experiment.py stability --lr 0.1 --residual post_ln --out docs/hdet_stability.json
     python scripts/hdet_experiment.py replicas --out docs/hdet_replicas.json
 
 Every run: ``--nproc`` CPU processes (torchrun, gloo, one thread each), synthetic data, the same
@@ -15,8 +15,9 @@ model, data order, seeds and number of steps, no gradient clipping (so that inst
   the floor; ``schedule``: a factor on OneCycle), with the paper's constants, and one with the
   ``schedule`` variant set to be able to cross the range (``WIDE``). One HDET run costs a fifth
   of the sweep.
-- ``search``: the unstable regime (``--unstable``: plain residuals without the paper's rescale,
-  post-LN, no warm-up), plain DDP at rising rates, one seed: where does it diverge?
+- ``search``: the unstable regime (``--unstable``: no warm-up; ``--search-residuals``: the block
+  forms the paper found unstable, ``plain`` and ``post_ln``), plain DDP at rising rates, one seed:
+  where does it diverge or collapse?
 - ``stability``: in that regime at ``--lr``: plain DDP vs HDET without auto-LR and with each
   variant, and the wide setting (its spread reaches rates that survive); diverged and collapsed
   runs counted, the others' loss and AUC.
