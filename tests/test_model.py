@@ -23,7 +23,19 @@ from feedsr.model.rope import apply_rope, rope_angles
 def model_of(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"embedding_dim": 8, "num_layers": 2, "num_heads": 2, "ffn_dim": 32, **overrides})
-    return build_model(cfg, MODEL_SPEC, max_seq_len=32).eval()
+    model = build_model(cfg, MODEL_SPEC, max_seq_len=32).eval()
+    if getattr(model, "time_rotation", None) is not None:
+        wake_time_rotation(model.time_rotation)
+    return model
+
+
+def wake_time_rotation(rotation) -> None:
+    """A learned time rotation starts as position RoPE (its last layers at zero): give them
+    weights, so that time moves the angles in the tests."""
+    with torch.no_grad():
+        for layer in (rotation.siren[-1], rotation.mlp[-1]):
+            layer.weight.normal_(0, 0.5)
+            layer.bias.normal_(0, 0.5)
 
 
 def edited(block: SequenceBlock, column: str, index: int, value) -> SequenceBlock:
@@ -37,11 +49,15 @@ def predict(model, block):
         return model(collate(block, MODEL_SPEC))
 
 
-@pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
+VARIANTS = {"feedsr": {}, "dcnv2": {"name": "dcnv2"}, "attnmvp": {"backbone": "attnmvp"},
+            "learned_time": {"rope": "learned_time"}, "attnmvp_time": {"backbone": "attnmvp", "rope": "time"}}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("column", ["action_bits", "item_ids", "ctx_age", "cat_surface"])
 def test_no_leakage_from_own_action_or_the_future(name, column):
     block, t = make_block([8], seed=1), 4
-    model = model_of(name=name)
+    model = model_of(**VARIANTS[name])
     base = predict(model, block)
     if column == "action_bits":  # A_t is the label of t: invisible at t, visible after
         changed = predict(model, edited(block, column, t, 7 - block.values[column][t]))
@@ -56,9 +72,10 @@ def test_no_leakage_from_own_action_or_the_future(name, column):
             assert (earlier[t] - base[t]).abs().max() > 1e-5
 
 
-def test_session_mask_hides_same_session_tokens():
+@pytest.mark.parametrize("backbone", ["interleaved", "attnmvp"])
+def test_session_mask_hides_same_session_tokens(backbone):
     block = make_block([9], seed=2, gap_every=3)  # sessions {0,1,2} {3,4,5} {6,7,8}
-    model = model_of(session_mask=True)
+    model = model_of(session_mask=True, backbone=backbone)
     base = predict(model, block)
     for column, value in [("item_ids", 61), ("action_bits", 5)]:
         changed = predict(model, edited(block, column, 3, value))  # first of the middle session
@@ -69,17 +86,18 @@ def test_session_mask_hides_same_session_tokens():
         assert (changed[6:] - base[6:]).abs().max() > 1e-5  # later sessions see it
 
 
-def test_no_history_ablation_sees_only_the_impression():
+@pytest.mark.parametrize("backbone", ["interleaved", "attnmvp"])
+def test_no_history_ablation_sees_only_the_impression(backbone):
     block = make_block([6], seed=3)
     edit = edited(edited(block, "item_ids", 2, 60), "action_bits", 1, 7)
     keep = [0, 1, 3, 4, 5]
-    model = model_of(use_history=False)
+    model = model_of(use_history=False, backbone=backbone)
     base, changed = predict(model, block), predict(model, edit)
     torch.testing.assert_close(changed[keep], base[keep], rtol=0, atol=0)
     assert (changed[2] - base[2]).abs().max() > 1e-5  # its own item still counts
     # positive control: the same edit moves the later predictions of a model with history, so
     # the equality above is the ablation's doing, not an edit the model cannot see
-    model = model_of(use_history=True)
+    model = model_of(use_history=True, backbone=backbone)
     base, changed = predict(model, block), predict(model, edit)
     assert all((changed[t] - base[t]).abs().max() > 1e-5 for t in (3, 4, 5))
 
@@ -97,18 +115,86 @@ def test_rope_scores_depend_only_on_relative_position():
     assert (score(7, 3, tq=10.0, tk=2.5) - score(7, 3, tq=10.0, tk=5.0)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("rope_time", [False, True])
-def test_post_and_action_share_a_rotation(rope_time):
-    model = model_of(rope_time=rope_time)
+@pytest.mark.parametrize("rope", ["position", "time", "learned_time"])
+def test_post_and_action_share_a_rotation(rope):
+    model = model_of(rope=rope)
     batch = make_batch([5, 3])
     angles = model.rotary(batch, torch.ones(2, 5, dtype=torch.bool))  # (B, 2T, Dh/2)
     torch.testing.assert_close(angles[:, 0::2], angles[:, 1::2], rtol=0, atol=0)
     assert (angles[:, 2::2] != angles[:, 0:-2:2]).any()
+    items_model = model_of(rope=rope, backbone="attnmvp")  # one token per impression, the same angles
+    if rope == "learned_time":
+        items_model.time_rotation.load_state_dict(model.time_rotation.state_dict())
+    items = items_model.rotary(batch, torch.ones(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(items.expand(2, -1, -1), angles[:, 0::2].expand(2, -1, -1), rtol=0, atol=1e-5)
+
+
+def learned_rotation_scores(positions, timestamps, origin=0):
+    """Query-key scores between every pair of 4 tokens under one learned time rotation."""
+    from feedsr.model.rope import LearnedTimeRotation
+
+    torch.manual_seed(0)
+    rotation = LearnedTimeRotation(8, 100.0)
+    wake_time_rotation(rotation)
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    with torch.no_grad():
+        angles = rotation(torch.tensor([positions]), torch.tensor([timestamps]), torch.tensor([[origin]]))
+    return apply_rope(q, angles) @ apply_rope(k, angles).transpose(-1, -2)
+
+
+def test_learned_time_rotation_is_relative_in_position_and_periodic_in_the_week():
+    """SIREN-RoPE's angles: f(T) omega + p inv_freq lambda. The position part is relative; the
+    time part is a function of each token's time of day and week and its time since the member's
+    first impression, so scores keep under a shift of every position, and under a shift of every
+    timestamp (the origin too) by whole weeks, and move with the time of day."""
+    week = 7 * 86_400
+    times = [1_650_000_000 + dt for dt in (0, 40, 3_600, 90_000)]
+    base = learned_rotation_scores([0, 1, 2, 3], times, times[0])
+    torch.testing.assert_close(learned_rotation_scores([10, 11, 12, 13], times, times[0]), base)
+    shifted = [t + 3 * week for t in times]
+    torch.testing.assert_close(learned_rotation_scores([0, 1, 2, 3], shifted, shifted[0]), base)
+    later = [t + 6 * 3_600 for t in times]  # the same gaps, six hours later in the day
+    assert (learned_rotation_scores([0, 1, 2, 3], later, later[0]) - base).abs().max() > 1e-3
+    assert (learned_rotation_scores([0, 2, 4, 6], times, times[0]) - base).abs().max() > 1e-3
+
+
+def test_a_new_learned_time_rotation_is_position_rope():
+    """Its last layers start at zero: before training it rotates as plain RoPE does."""
+    from feedsr.model.rope import LearnedTimeRotation
+
+    rotation = LearnedTimeRotation(8, 100.0)
+    positions, times = torch.arange(6.0)[None], torch.randint(1_600_000_000, 1_700_000_000, (1, 6))
+    torch.testing.assert_close(rotation(positions, times, times[:, :1]), rope_angles(positions, 8, 100.0))
+    model = build_model(ModelConfig(embedding_dim=8, rope="learned_time"), MODEL_SPEC, max_seq_len=32)
+    extra = sum(p.numel() for p in model.time_rotation.parameters())
+    assert extra == 2 * (5 * 64 + 64 + 64 * 64 + 64 + 64 * 6 + 6) + 6 + 1
+
+
+def test_strict_attention_gives_a_query_without_keys_zero_and_no_gradient():
+    """AttnMVP's attention: a token that sees nothing (the first, or one in the first session)
+    gets a zero output, and nothing flows back to its own value (its label)."""
+    from feedsr.model.transformer import item_mask, strict_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    v = torch.randn(1, 1, 4, 8, requires_grad=True)
+    attend = strict_attention(item_mask(torch.tensor([4]), 4, None, history=True))
+    y = attend(q, k, v, 0.35)
+    assert (y[0, 0, 0] == 0).all() and (y[0, 0, 1:] != 0).any()
+    y[0, 0, 0].sum().backward()
+    assert (v.grad == 0).all()
+    y = attend(q, k, v, 0.35)
+    y[0, 0, 2].sum().backward()  # token 2 reads 0 and 1, never itself or 3
+    assert (v.grad[0, 0, 2:] == 0).all() and (v.grad[0, 0, :2] != 0).all()
+    torch.testing.assert_close(y[0, 0, 1], v[0, 0, 0].detach())  # one key: all the weight
 
 
 @pytest.mark.parametrize("overrides", [{}, {"session_mask": True}, {"position_encoding": "learned"},
-                                       {"rope_time": True}, {"name": "dcnv2"},
-                                       {"late_fusion": False, "d_model": 24}])
+                                       {"rope": "time"}, {"rope": "learned_time"}, {"name": "dcnv2"},
+                                       {"late_fusion": False, "d_model": 24}, {"backbone": "attnmvp"},
+                                       {"backbone": "attnmvp", "session_mask": True},
+                                       {"backbone": "attnmvp", "position_encoding": "learned"},
+                                       {"backbone": "attnmvp", "rope": "learned_time"}])
 def test_padding_invariance(overrides):
     model = model_of(**overrides)
     alone = predict(model, make_block([4], seed=5, gap_every=2))
@@ -127,7 +213,9 @@ def test_mmoe_gates_sum_to_one():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"name": "dcnv2"}, {"head": HeadConfig(type="dcnv2")},
-                                       {"position_encoding": "learned", "d_model": 24}])
+                                       {"position_encoding": "learned", "d_model": 24},
+                                       {"backbone": "attnmvp", "rope": "learned_time"},
+                                       {"backbone": "attnmvp", "position_encoding": "learned"}])
 def test_every_parameter_gets_a_gradient(overrides):
     model = model_of(**overrides).train()
     batch = make_batch([6, 3, 9], seed=4)
@@ -139,16 +227,16 @@ def test_every_parameter_gets_a_gradient(overrides):
     assert missing == [], missing
 
 
-@pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
+@pytest.mark.parametrize("name", ["feedsr", "dcnv2", "attnmvp"])
 def test_no_nan_for_members_without_history(name):
-    model = model_of(name=name, session_mask=(name == "feedsr"))
+    model = model_of(**VARIANTS[name], session_mask=(name != "dcnv2"))
     out = predict(model, make_block([1, 1, 1], seed=6))
     assert out.shape == (3, 3) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
+@pytest.mark.parametrize("name", ["feedsr", "dcnv2", "attnmvp"])
 def test_both_models_train(name):
-    model = model_of(name=name, dropout=0.0).train()
+    model = model_of(**VARIANTS[name], dropout=0.0).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = make_batch([12] * 16, seed=7)
     losses = []
@@ -246,6 +334,13 @@ def test_session_gap_comes_from_the_batch_spec():
      "model.position_bias.num_positions must be >= 1, got 0"),
     (lambda: ModelConfig(rope_time_unit_s=0.0), "model.rope_time_unit_s must be > 0, got 0.0"),
     (lambda: ModelConfig(rope_base=0.0), "model.rope_base must be > 1, got 0.0"),
+    (lambda: ModelConfig(backbone="mvp"), "model.backbone must be one of interleaved, attnmvp, got 'mvp'"),
+    (lambda: ModelConfig(action_value_scale=-1.0), "model.action_value_scale must be >= 0, got -1.0"),
+    (lambda: ModelConfig(rope="siren"), "model.rope must be one of position, time, learned_time, got 'siren'"),
+    (lambda: ModelConfig(rope="learned_time", rope_time=True),
+     "model.rope_time=true (the former spelling of model.rope=time) conflicts with model.rope=learned_time"),
+    (lambda: ModelConfig(rope="learned_time", position_encoding="learned"),
+     "model.rope=learned_time needs model.position_encoding=rope"),
     (lambda: ModelConfig(residual_init=-0.1), "model.residual_init must be >= 0, got -0.1"),
     (lambda: ModelConfig(residual="postln"), "model.residual must be one of rescale, plain, post_ln, got 'postln'"),
     (lambda: ModelConfig(residual_init=float("nan")), "model.residual_init must be >= 0, got nan"),
@@ -281,13 +376,18 @@ def test_model_width_is_known_before_any_data():
 @pytest.mark.parametrize("overrides,message", [
     ({"num_heads": 5}, "model width 48 is not divisible by model.num_heads=5"),
     ({"num_heads": 16}, "RoPE needs an even head dimension: model width 48 / model.num_heads=16 = 3"),
-    ({"num_heads": 24, "rope_time": True},
-     "model.rope_time needs a head dimension >= 4: model width 48 / model.num_heads=24 = 2"),
+    ({"num_heads": 24, "rope": "time"},
+     "model.rope=time needs a head dimension >= 4: model width 48 / model.num_heads=24 = 2"),
     ({"late_fusion": False, "num_heads": 2, "embedding_dim": 15}, "model width 47 is not divisible"),
 ])
 def test_check_model_config_rejects_bad_widths(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_model_config(ModelConfig(**overrides), data_config())
+
+
+def test_rope_time_is_the_former_spelling_of_rope_time():
+    assert ModelConfig(rope_time=True).rope == "time"
+    assert ModelConfig(rope="time").rope_time and not ModelConfig(rope="learned_time").rope_time
 
 
 def test_check_model_config_accepts_what_builds():

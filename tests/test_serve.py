@@ -18,13 +18,20 @@ MAX_SEQ_LEN = 32
 CONFIGS = {
     "rope_mmoe": {},
     "learned": {"position_encoding": "learned"},
-    "rope_time": {"rope_time": True},
+    "rope_time": {"rope": "time"},
+    "learned_time": {"rope": "learned_time"},
     "no_late_fusion": {"late_fusion": False, "d_model": 24},
     "linear_head": {"head": HeadConfig(type="linear")},
     "logged_position": {"position_bias": PositionBiasConfig(score_position=None)},
     "session_mask": {"session_mask": True},
     "no_history": {"use_history": False},
     "post_ln": {"residual": "post_ln"},  # the block form without RescaleAndAdd, for the HDET tests
+    # the non-interleaved backbone: candidates cross-attend over the cached history items
+    "attnmvp": {"backbone": "attnmvp"},
+    "attnmvp_learned": {"backbone": "attnmvp", "position_encoding": "learned", "action_value_scale": 0.5},
+    "attnmvp_time": {"backbone": "attnmvp", "rope": "learned_time"},
+    "attnmvp_session_mask": {"backbone": "attnmvp", "session_mask": True},
+    "attnmvp_no_history": {"backbone": "attnmvp", "use_history": False},
 }
 # (history lengths, candidates per member): one member; padded batches, one member without candidates
 CASES = [([1], [1]), ([6], [3]), ([9], [17]), ([5, 1, 9], [3, 17, 1]), ([4, 7], [0, 5])]
@@ -51,6 +58,10 @@ def model_of(seed=0, spec=MODEL_SPEC, **overrides):
         for name, p in model.named_parameters():
             if "alpha" in name or "position_bias" in name:
                 p.copy_(torch.randn_like(p))
+        if getattr(model, "time_rotation", None) is not None:  # its last layers start at zero: let time turn it
+            for layer in (model.time_rotation.siren[-1], model.time_rotation.mlp[-1]):
+                layer.weight.normal_(0, 0.5)
+                layer.bias.normal_(0, 0.5)
         context = len(spec.read.context)  # a fitted standardisation, for the exported paths too
         model.context_norm.fit(torch.rand(context), torch.rand(context) + 0.5)
         if spec.read.dense:
@@ -100,7 +111,7 @@ def test_shared_context_equals_one_by_one(config, lengths, counts):
 
 
 @pytest.mark.parametrize("lengths,counts", [CASES[1], CASES[3], CASES[4]])
-@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "no_late_fusion", "session_mask"])
+@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "no_late_fusion", "session_mask", "attnmvp"])
 def test_shared_context_with_dense_features_equals_one_by_one(config, lengths, counts):
     """Dense features in the post token, the history's and the candidates': the shared-context
     scores are the model's own forward on [history, candidate] (one by one)."""
@@ -144,15 +155,17 @@ def test_dense_features_reach_the_scores(method):
 def test_the_request_time_and_session_matter():
     """Guards the test above: with session_mask and rope_time the two request gaps differ."""
     history = make_block([9], seed=1, gap_every=3)
-    for overrides in ({"session_mask": True}, {"rope_time": True}):
+    for overrides in ({"session_mask": True}, {"rope": "time"}, {"rope": "learned_time"},
+                      {"backbone": "attnmvp", "rope": "learned_time"}):
         scorer = CandidateScorer(model_of(**overrides), MODEL_SPEC)
         near, far = (scorer.score(history, make_candidates(history, [4], gap)) for gap in (50, 5000))
         assert (near - far).abs().max() > 1e-4, overrides
 
 
+@pytest.mark.parametrize("backbone", ["interleaved", "attnmvp"])
 @pytest.mark.parametrize("method", ["masked", "kv"])
-def test_candidates_do_not_see_each_other(method):
-    scorer = CandidateScorer(model_of(), MODEL_SPEC)
+def test_candidates_do_not_see_each_other(method, backbone):
+    scorer = CandidateScorer(model_of(backbone=backbone), MODEL_SPEC)
     history = make_block([6, 3], seed=2)
     candidates = make_candidates(history, [5, 4])
     base = scorer.score(history, candidates, method)
@@ -166,9 +179,10 @@ def test_candidates_do_not_see_each_other(method):
         assert (changed[2] - base[2]).abs().max() > 1e-4, column
 
 
-def test_history_reaches_the_scores():
+@pytest.mark.parametrize("backbone", ["interleaved", "attnmvp"])
+def test_history_reaches_the_scores(backbone):
     """Guards the equality tests: the candidates do read the history, through every layer."""
-    scorer = CandidateScorer(model_of(), MODEL_SPEC)
+    scorer = CandidateScorer(model_of(backbone=backbone), MODEL_SPEC)
     history = make_block([6], seed=3)
     candidates = make_candidates(history, [3])
     base = scorer.score(history, candidates)
@@ -188,7 +202,8 @@ def test_a_cached_history_serves_later_requests():
                                    scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "rope_time", "session_mask", "no_history"])
+@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "rope_time", "session_mask", "no_history",
+                                    "attnmvp"])
 @pytest.mark.parametrize("cached_len,new_len", [(5, 9), (1, 2), (7, 7)])
 def test_an_updated_cache_equals_encoding_the_longer_history(config, cached_len, new_len):
     """A member back with new impressions: the cache of the old history, extended (or, where the
@@ -200,7 +215,8 @@ def test_an_updated_cache_equals_encoding_the_longer_history(config, cached_len,
     fresh = scorer.encode_history(full)
     for got, want in zip(updated.keys + updated.values, fresh.keys + fresh.values):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert updated.nbytes == fresh.nbytes == sum(t.numel() * 4 for t in fresh.keys + fresh.values)
+    cached = fresh.keys + fresh.values + list(fresh.pool or ())  # attnmvp: AttnLFA's keys and values too
+    assert updated.nbytes == fresh.nbytes == sum(t.numel() * 4 for t in cached)
     candidates = make_candidates(full, [5])
     torch.testing.assert_close(scorer.score_cached(updated, candidates),
                                scorer.score(full, candidates, "one_by_one"), rtol=0, atol=1e-5)
@@ -261,6 +277,8 @@ def test_bad_requests_are_rejected():
         learned.score(make_block([MAX_SEQ_LEN]), make_candidates(make_block([MAX_SEQ_LEN]), [1]))
     with pytest.raises(TypeError, match="needs a FeedSR model"):
         CandidateScorer(model_of(name="dcnv2"), MODEL_SPEC)
+    with pytest.raises(ValueError, match="method='flex' serves the interleaved backbone only"):
+        CandidateScorer(model_of(backbone="attnmvp"), MODEL_SPEC).score(history, candidates, method="flex")
 
 
 @pytest.mark.slow  # compiles FlexAttention and its block mask (tens of seconds on 2 cores)
@@ -270,3 +288,14 @@ def test_flex_attention_equals_one_by_one():
     candidates = make_candidates(history, [5, 3])
     torch.testing.assert_close(scorer.score(history, candidates, "flex"),
                                scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
+
+
+def test_only_the_interleaved_backbone_is_exported():
+    """attnmvp is served by the eager scorer; exporting it is refused, naming the setting."""
+    from types import SimpleNamespace
+
+    from feedsr.serve.export import ExportError, check_exportable
+
+    check_exportable(SimpleNamespace(model=model_of(), checkpoint="run/step-3"))
+    with pytest.raises(ExportError, match="run/step-3: model.backbone=attnmvp: only the interleaved backbone"):
+        check_exportable(SimpleNamespace(model=model_of(backbone="attnmvp"), checkpoint="run/step-3"))

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 from feedsr.model.heads import HeadConfig, check_widths
 from feedsr.model.transformer import RESIDUALS
 
+BACKBONES = ("interleaved", "attnmvp")
+ROPES = ("position", "time", "learned_time")
+
 if TYPE_CHECKING:
     from feedsr.data.config import DataConfig
 
@@ -37,6 +40,10 @@ class ModelConfig:
     """
 
     name: str = "feedsr"
+    # interleaved: [X_1, A_1, ..., X_T, A_T] (the paper) | attnmvp: items only, values X_t + lambda A_t
+    # under a strictly causal mask, then AttnLFA pooling of past actions ("Beyond Interleaving")
+    backbone: str = "interleaved"
+    action_value_scale: float = 1.0  # attnmvp's lambda (its authors: stable for 0.5..1)
     embedding_dim: int = 16  # every id table (TorchRec's EmbeddingCollection needs one width)
     d_model: int | None = None
     num_layers: int = 2
@@ -48,7 +55,10 @@ class ModelConfig:
     residual: str = "rescale"  # rescale: x + alpha f(LN(x)) | plain: x + f(LN(x)) | post_ln: LN(x + f(x))
     position_encoding: str = "rope"  # rope | learned | none
     rope_base: float = 10_000.0
-    rope_time: bool = False  # half of the rotary pairs turn with time instead of position
+    # position: the classic angles | time: half of the pairs turn with time instead |
+    # learned_time: SIREN-RoPE, every pair turns by a learned function of time beside the position
+    rope: str = "position"
+    rope_time: bool = False  # the former spelling of rope=time (older configs and checkpoints)
     rope_time_unit_s: float = 3600.0
     late_fusion: bool = True  # False: context features go into the post tokens instead
     context_norm: bool = True  # context features: asinh of their standard scores (training moments)
@@ -62,6 +72,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.name not in ("feedsr", "dcnv2"):
             raise ValueError(f"model.name must be feedsr or dcnv2, got '{self.name}'")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {', '.join(BACKBONES)}, got '{self.backbone}'")
         if self.position_encoding not in ("rope", "learned", "none"):
             raise ValueError(
                 f"model.position_encoding must be rope, learned or none, got '{self.position_encoding}'"
@@ -82,14 +94,24 @@ class ModelConfig:
 
     def _check_scales(self) -> None:
         # Written as `not lo <= x < inf`: NaN fails every comparison, so it is rejected too.
+        if not 0 <= self.action_value_scale < math.inf:
+            raise ValueError(f"model.action_value_scale must be >= 0, got {self.action_value_scale}")
         if not 0 <= self.residual_init < math.inf:
             raise ValueError(f"model.residual_init must be >= 0, got {self.residual_init}")
         if not 1 < self.rope_base < math.inf:  # base <= 1: frequencies base**(-i/n) do not fall
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         if not 0 < self.rope_time_unit_s < math.inf:
             raise ValueError(f"model.rope_time_unit_s must be > 0, got {self.rope_time_unit_s}")
-        if self.rope_time and self.position_encoding != "rope":
-            raise ValueError("model.rope_time needs model.position_encoding=rope")
+        if self.rope not in ROPES:
+            raise ValueError(f"model.rope must be one of {', '.join(ROPES)}, got '{self.rope}'")
+        if self.rope_time:
+            if self.rope == "learned_time":
+                raise ValueError("model.rope_time=true (the former spelling of model.rope=time) "
+                                 "conflicts with model.rope=learned_time")
+            self.rope = "time"
+        self.rope_time = self.rope == "time"  # one meaning, whichever spelling set it
+        if self.rope != "position" and self.position_encoding != "rope":
+            raise ValueError(f"model.rope={self.rope} needs model.position_encoding=rope")
 
 
 def model_width(cfg: ModelConfig, num_id_features: int, context_dim: int, dense_dim: int = 0) -> int:
@@ -111,8 +133,8 @@ def check_width(cfg: ModelConfig, width: int) -> None:
     head_dim, split = width // cfg.num_heads, f"model width {width} / model.num_heads={cfg.num_heads}"
     if cfg.position_encoding == "rope" and head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension: {split} = {head_dim}")
-    if cfg.rope_time and head_dim < 4:  # one pair turns with position, at least one with time
-        raise ValueError(f"model.rope_time needs a head dimension >= 4: {split} = {head_dim}")
+    if cfg.rope == "time" and head_dim < 4:  # one pair turns with position, at least one with time
+        raise ValueError(f"model.rope=time needs a head dimension >= 4: {split} = {head_dim}")
 
 
 def check_model_config(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:

@@ -6,7 +6,9 @@ own module or function; what changes is only which keys a query may see. Sequenc
     [X_1, A_1, ..., X_T, A_T | C_1, ..., C_N]      (2T history tokens, then N candidate post tokens)
 
 and each candidate sees the first ``visible`` history tokens (2L, or fewer: see the scorer) and
-itself, never another candidate.
+itself, never another candidate. With ``model.backbone=attnmvp`` the history is [X_1, ..., X_T]
+and a candidate sees the history only (not itself: its value would carry an action it does not
+have): plain cross-attention over the cached history (``cached_past``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ def _cached(q, k, v, scale, keys, values, bias, nothing):
     return (past * w_past + v * w_own) / (w_past + w_own)  # (B, H, N, Dh)
 
 
+def cached_past(keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None = None) -> Attend:
+    """Candidates over their member's cached history alone (AttnMVP: strictly causal, so not
+    over themselves): the first ``visible`` (B,) of the T history tokens (None: all); a candidate
+    that sees none gets a zero output, as ``strict_attention`` gives such a token in training."""
+    bias = nothing = None
+    if visible is not None:
+        hidden = torch.arange(keys.shape[2], device=keys.device) >= visible[:, None]  # (B, T)
+        bias = torch.zeros(hidden.shape, dtype=keys.dtype, device=keys.device).masked_fill(
+            hidden, float("-inf"))[:, None, None, :]  # (B, 1, 1, T)
+        nothing = (visible == 0)[:, None, None, None]  # (B, 1, 1, 1)
+    return functools.partial(_past, keys=keys, values=values, bias=bias, nothing=nothing)
+
+
+def _past(q, k, v, scale, keys, values, bias, nothing):
+    out, _ = _attention_with_lse(q, keys, values, bias, scale)
+    return out if nothing is None else out.masked_fill(nothing, 0.0)
+
+
 def _attention_with_lse(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax(q k^T scale + bias) v, logsumexp of those logits over the keys): -inf where
     every key is hidden, with a zero output there."""
@@ -74,21 +94,23 @@ def _attention_with_lse(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tenso
 
 
 def shared_context_mask(history: torch.Tensor | None, history_tokens: int, visible: torch.Tensor,
-                        num_candidates: int) -> torch.Tensor:
+                        num_candidates: int, own: bool = True) -> torch.Tensor:
     """(B, 1, S, S) bool mask over [history | candidates], S = 2T + N; True = may attend.
 
     Args:
-        history: (B, 1, 2T, 2T) the model's mask among history tokens, or None for causal.
-        history_tokens: 2T.
+        history: (B or 1, 1, 2T, 2T) the model's mask among history tokens, or None for causal.
+        history_tokens: 2T (T for attnmvp).
         visible: (B,) history tokens the candidates of each member see.
         num_candidates: N (per member, padded).
+        own: whether a candidate sees itself (not under attnmvp's strictly causal mask).
     """
     batch, size = len(visible), history_tokens + num_candidates
     mask = torch.zeros(batch, size, size, dtype=torch.bool)
     causal = torch.ones(history_tokens, history_tokens, dtype=torch.bool).tril()
     mask[:, :history_tokens, :history_tokens] = causal if history is None else history[:, 0]
     mask[:, history_tokens:, :history_tokens] = (torch.arange(history_tokens) < visible[:, None])[:, None]
-    mask[:, history_tokens:, history_tokens:] = torch.eye(num_candidates, dtype=torch.bool)
+    if own:
+        mask[:, history_tokens:, history_tokens:] = torch.eye(num_candidates, dtype=torch.bool)
     return mask[:, None]
 
 

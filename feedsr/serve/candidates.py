@@ -26,7 +26,7 @@ class Candidates:
         counts: (B,) int, candidates per member; member b owns rows ``offsets[b]:offsets[b+1]``
             (0 is allowed for some members: they get no scores; the request needs >= 1 in all).
         request_times: (B,) int seconds, when each member's request is served. It is the
-            candidates' impression time: it sets their time-aware RoPE angle (``rope_time``) and,
+            candidates' impression time: it sets their time-aware RoPE angle (``model.rope``) and,
             with ``session_mask``, whether the newest history session is still the current one.
         values: column -> (N,) array, named like ``SequenceBlock`` columns: every id feature of the
             ``BatchSpec`` (``item_ids``, ``author_ids``, ``cat_<name>``: raw ids, hashed like the

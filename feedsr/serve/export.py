@@ -19,7 +19,8 @@ order (one input, so that a model without dense features, and an export made bef
 existed, take the same inputs), timestamps, positions. One member per call (B = 1): a request.
 
 Only a causal history can be exported (not ``model.session_mask``, not ``model.use_history=false``):
-their masks depend on sessions and the request time; the eager scorer serves those.
+their masks depend on sessions and the request time; the eager scorer serves those. Only the
+interleaved backbone is exported (not ``model.backbone=attnmvp``, which the eager scorer serves).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def check_exportable(trained: Trained) -> None:
     if cfg is None:
         raise ExportError(f"only Feed-SR models are exported, {trained.checkpoint} holds "
                           f"{type(trained.model).__name__}")
+    if cfg.backbone != "interleaved":
+        raise ExportError(f"{trained.checkpoint}: model.backbone={cfg.backbone}: only the interleaved backbone "
+                          "is exported so far (score it with the eager scorer, which serves it from a KV cache)")
     if cfg.session_mask or not cfg.use_history:
         raise ExportError(f"{trained.checkpoint}: model.session_mask={cfg.session_mask}, "
                           f"model.use_history={cfg.use_history}: only a causal history is exported "

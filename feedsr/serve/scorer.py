@@ -15,6 +15,12 @@ other candidate (SPEC section 6):
 
 Every candidate sits at impression index L (RoPE position L, learned position L), with the
 request time as its timestamp, exactly where one-by-one scoring puts it.
+
+With ``model.backbone=attnmvp`` the history is item tokens alone and a candidate never sees
+itself (the model's attention is strictly causal): every layer is plain cross-attention of the
+candidates over the cached history keys and values (which carry the history's actions), and the
+cache keeps AttnLFA's keys (from the history's final states) and values (its action tokens) for
+the pooling after the last block. ``masked`` and ``one_by_one`` serve it too; ``flex`` does not.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ class HistoryCache:
     Args:
         history: the collated histories; their lengths and timestamps place the candidates.
         keys: per layer, (B, H, 2T, Dh) post-RoPE keys; token 2t is X_t, 2t+1 is A_t, and tokens
-            past 2 * lengths[b] are padding (never visible to candidates).
-        values: per layer, (B, H, 2T, Dh).
+            past 2 * lengths[b] are padding (never visible to candidates). attnmvp: (B, H, T, Dh),
+            token t is X_t.
+        values: per layer, (B, H, 2T, Dh) (attnmvp: (B, H, T, Dh), carrying the actions).
 
     It depends on the history only (not on the request time), so it can be kept between requests.
     """
@@ -51,11 +58,12 @@ class HistoryCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     block: SequenceBlock | None = None  # the histories as given (to recognise an extended one)
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None  # attnmvp: AttnLFA's (B, H, T, Dh) keys, values
 
     @property
     def nbytes(self) -> int:
         """Memory of the cached keys and values."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values + list(self.pool or ()))
 
 
 @dataclass
@@ -64,7 +72,7 @@ class Placement:
 
     Args:
         index: (B,) their impression index L_b (history length): learned position and RoPE position.
-        angles: (B, Dh/2) their RoPE angles (position L_b, and the request time with rope_time),
+        angles: (B, Dh/2) their RoPE angles (position L_b, and the request time with a time-aware ``model.rope``),
             None without RoPE.
         visible: (B,) history tokens they attend to: 2 L_b; with ``session_mask`` only the
             sessions before the request's; 0 for the no-history ablation.
@@ -195,19 +203,19 @@ class CandidateScorer:
         extended timeline, so the time origin (first history impression) and the sessions are the
         ones training used.
         """
-        index = history.lengths
+        index, per = history.lengths, self.model.tokens_per_impression
         timeline = _extended_timeline(history, request_times)
         _, mask = pad_jagged(timeline.timestamps, timeline.lengths, int(timeline.lengths.max()))
-        angles = self.model.rotary(timeline, mask)  # (B or 1, 2(T+1), Dh/2)
+        angles = self.model.rotary(timeline, mask)  # (B or 1, 2(T+1) or T+1, Dh/2)
         if angles is not None:
-            angles = angles.expand(len(index), -1, -1)[torch.arange(len(index)), 2 * index]  # candidate's X
+            angles = angles.expand(len(index), -1, -1)[torch.arange(len(index)), per * index]  # candidate's X
         cfg = self.model.cfg
         if not cfg.use_history:
             visible = torch.zeros_like(index)
         elif cfg.session_mask:  # a candidate sees the sessions before its own (a prefix)
-            visible = 2 * self._earlier_sessions(history, timeline)
+            visible = per * self._earlier_sessions(history, timeline)
         else:
-            visible = 2 * index
+            visible = per * index
         return Placement(index, angles, visible)
 
     def _earlier_sessions(self, history: Batch, timeline: Batch) -> torch.Tensor:
@@ -241,6 +249,11 @@ class CandidateScorer:
         model, max_len = self.model, int(history.lengths.max())
         cand = collate(candidates.to_block(self.spec), self.spec)
         place = self._placement(history, torch.from_numpy(candidates.request_times))
+        if not model.interleaved:
+            if flex:
+                raise ValueError("method='flex' serves the interleaved backbone only (the model has "
+                                 "model.backbone=attnmvp): use kv or masked")
+            return self._score_items_single_pass(history, cand, place)
         seq, hist_mask = model.tokens(history, max_len)  # (B, 2T, D)
         cand_tokens, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
         x = torch.cat([seq, cand_tokens], dim=1)  # (B, 2T + N, D)
@@ -256,6 +269,25 @@ class CandidateScorer:
             h = model.transformer(x, angles, mask)  # the model's own blocks, SDPA with our mask
         return self._head(h[:, 2 * max_len:][cand_mask], cand)
 
+    def _score_items_single_pass(self, history: Batch, cand: Batch, place: Placement) -> torch.Tensor:
+        """attnmvp: [X_1..X_T | C_1..C_N] through the model's blocks under its strict attention,
+        candidates seeing the visible history and nothing else; candidates carry no action."""
+        model, max_len = self.model, int(history.lengths.max())
+        x, a, hist_mask = model.item_tokens(history, max_len)  # (B, T, D)
+        cand_tokens, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
+        num_candidates = cand_tokens.shape[1]
+        x = torch.cat([model.positioned(x), cand_tokens], dim=1)
+        a = torch.cat([a, torch.zeros_like(cand_tokens)], dim=1)
+        angles = model.rotary(history, hist_mask)
+        if angles is not None:
+            angles = torch.cat([angles.expand(len(x), -1, -1), self._candidate_angles(place, num_candidates)], dim=1)
+        visible = attention.shared_context_mask(model.attention_mask(history, max_len), max_len, place.visible,
+                                                num_candidates, own=False)
+        attend = model.attend(visible)
+        h = model.transformer(x, angles, attend=attend, value_add=model.action_values(a))
+        pooled = model.action_pool(h, a, angles, attend)
+        return self._head(model.fuse(h, pooled)[:, max_len:][cand_mask], cand)
+
     def _flex_blocks(self, x, angles, place: Placement, num_candidates: int) -> torch.Tensor:
         cfg = self.model.cfg
         if cfg.session_mask or not cfg.use_history:
@@ -270,6 +302,11 @@ class CandidateScorer:
 
     def _encode(self, history: Batch) -> HistoryCache:
         model, max_len = self.model, int(history.lengths.max())
+        if not model.interleaved:
+            x, a, mask = model.item_tokens(history, max_len)  # (B, T, D)
+            keys, values, pool = item_history_kv(model, x, a, model.rotary(history, mask),
+                                                 model.attention_mask(history, max_len))
+            return HistoryCache(history, keys, values, pool=pool)
         x, mask = model.tokens(history, max_len)  # (B, 2T, D)
         keys, values = history_kv(model, x, model.rotary(history, mask),
                                   attention.sdpa(model.attention_mask(history, max_len)))
@@ -280,6 +317,8 @@ class CandidateScorer:
         causal history mask (then the cached tokens never see the new ones)."""
         old, cfg = cache.block, self.model.cfg
         if old is None or len(old) != 1 or len(history) != 1 or cfg.session_mask or not cfg.use_history:
+            return False
+        if not self.model.interleaved:  # AttnLFA's keys are the last block's outputs: encoded anew
             return False
         cached = int(old.lengths[0])
         return (int(history.lengths[0]) >= cached and old.rows["member_id"][0] == history.rows["member_id"][0]
@@ -304,7 +343,11 @@ class CandidateScorer:
         x, cand_mask = self._candidate_tokens(cand, place)  # (B, N, D)
         # no mask when every candidate sees its member's whole cache (one member, causal history)
         visible = None if bool((place.visible == cache.keys[0].shape[2]).all()) else place.visible
-        h = over_cache(self.model, x, self._candidate_angles(place, x.shape[1]), cache.keys, cache.values, visible)
+        angles = self._candidate_angles(place, x.shape[1])
+        if not self.model.interleaved:
+            h = over_item_cache(self.model, x, angles, cache, visible)
+            return self._head(h[cand_mask], cand)
+        h = over_cache(self.model, x, angles, cache.keys, cache.values, visible)
         return self._head(h[cand_mask], cand)
 
 
@@ -363,6 +406,38 @@ def over_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, keys
     for block, k, v in zip(transformer.blocks, keys, values):
         x = block(x, angles, None, attention.cached(k, v, visible))
     return transformer.ln_out(x)
+
+
+def item_history_kv(model: FeedSR, x: torch.Tensor, a: torch.Tensor, angles: torch.Tensor | None,
+                    visible: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
+    """attnmvp: each layer's (B, H, T, Dh) keys and values of the history items ``x`` (B, T, D)
+    with actions ``a`` (the values carry them), the history attending under the model's item
+    mask ``visible``; and AttnLFA's keys (from the final states) and values (the actions)."""
+    keys, values, inner = [], [], model.attend(visible)
+
+    def attend(q, k, v, scale):
+        keys.append(k)
+        values.append(v)
+        return inner(q, k, v, scale)
+
+    # every block runs in full: the pooling's keys are the last block's outputs
+    h = model.transformer(model.positioned(x), angles, attend=attend, value_add=model.action_values(a))
+    _, pool_keys = model.action_pool.queries_keys(h, angles)
+    return keys, values, (pool_keys, model.action_pool.values(a))
+
+
+def over_item_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, cache: HistoryCache,
+                    visible: torch.Tensor | None) -> torch.Tensor:
+    """attnmvp: (B, N, 2D) fused representations of the candidate tokens ``x`` (B, N, D): every
+    layer cross-attends over the first ``visible`` (B,) cached history items (None: all), then
+    AttnLFA pools the history's actions for them. No candidate sees itself or another."""
+    transformer, pool = model.transformer, model.action_pool
+    for block, k, v in zip(transformer.blocks, cache.keys, cache.values):
+        x = block(x, angles, None, attention.cached_past(k, v, visible))
+    h = transformer.ln_out(x)
+    q, _ = pool.queries_keys(h, angles)
+    pooled = pool.output(attention.cached_past(*cache.pool, visible)(q, None, None, pool.scale))
+    return model.fuse(h, pooled)
 
 
 def _extended_timeline(history: Batch, request_times: torch.Tensor) -> Batch:
