@@ -24,6 +24,10 @@ Configurations (each ablation changes one thing of ``feedsr``):
     no_session_shuffle  no in-session shuffle of the training sequences
     no_history          every impression sees only itself
     no_context_norm     the context features raw, not standardised by the training moments
+    attnmvp             the non-interleaved backbone (items only, actions in the values, AttnLFA)
+    rope_time           half of the RoPE pairs turn with the impression time
+    learned_time_rope   SIREN-RoPE: every pair turns by a learned function of time too
+    attnmvp_learned_time  both
 
 Runs go to ``--runs/<config>_seed<S>``; a run whose ``result.json`` exists is not run again, so an
 interrupted benchmark continues where it stopped. ``--parallel`` runs train side by side, each
@@ -57,13 +61,20 @@ CONFIGS = {  # name -> (experiment, overrides, what it tests)
     "no_history": ("kuairand_feedsr", ["model.use_history=false"], "only the target impression"),
     "no_context_norm": ("kuairand_feedsr", ["model.context_norm=false"],
                         "context features raw, not standardised"),
+    "attnmvp": ("kuairand_feedsr", ["model.backbone=attnmvp"], "AttnMVP: items only, actions in the values"),
+    "rope_time": ("kuairand_feedsr", ["model.rope=time"], "time-aware RoPE (half the pairs)"),
+    "learned_time_rope": ("kuairand_feedsr", ["model.rope=learned_time"], "SIREN-RoPE: learned time rotations"),
+    "attnmvp_learned_time": ("kuairand_feedsr", ["model.backbone=attnmvp", "model.rope=learned_time"],
+                             "AttnMVP with learned time rotations"),
 }
+BEYOND = ("attnmvp", "rope_time", "learned_time_rope", "attnmvp_learned_time")  # run with --configs
+DEFAULT_CONFIGS = [c for c in CONFIGS if c not in BEYOND]
 REPORT_TASKS = ("click", "long_view", "like")  # the headline tasks; the rest are reported too
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=2, help="training runs side by side")
     p.add_argument("--data", type=Path, default=REPO / "data/kuairand_full",
@@ -108,7 +119,9 @@ def run_one(args, name: str, seed: int, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
     best = json.loads((run_dir / "best.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     result = {"config": name, "seed": seed, "seconds": seconds, "best_step": best["step"],
+              "impressions_per_s": statistics.fmean(r["impressions_per_s"] for r in records),
               "select_score": best["score"], "select_tasks": best["tasks"],
               "valid": {t: {k: m[k] for k in ("auc", "ne", "count", "base_rate")}
                         for t, m in best["metrics"].items()},
@@ -147,6 +160,8 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
         row = {"config": name, "what": CONFIGS[name][2], "seeds": [r["seed"] for r in runs],
                "best_steps": [r["best_step"] for r in runs],
                "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60,
+               "impressions_per_s": (statistics.fmean(r["impressions_per_s"] for r in runs)
+                                     if all("impressions_per_s" in r for r in runs) else None),
                "by_history": mean_by_history([r["by_history"] for r in runs if r["by_history"]])}
         for task in runs[0]["valid"]:
             for key in ("auc", "ne"):
@@ -195,11 +210,12 @@ def history_table(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> str:
     fmt = lambda r, k: f"{r[k]:.4f} ± {r[k + '_std']:.4f}"  # noqa: E731
     rare = [t for t in counts if t not in REPORT_TASKS]
-    lines = ["| config | what | " + " | ".join(f"{t} AUC" for t in REPORT_TASKS) + " | click NE | best step | min/run |",
-             "|" + "---|" * (len(REPORT_TASKS) + 5)]
+    lines = ["| config | what | " + " | ".join(f"{t} AUC" for t in REPORT_TASKS) + " | click NE | best step | min/run | imps/s |",
+             "|" + "---|" * (len(REPORT_TASKS) + 6)]
     for r in rows:
         lines.append(f"| {r['config']} | {r['what']} | " + " | ".join(fmt(r, f"{t}_auc") for t in REPORT_TASKS)
-                     + f" | {fmt(r, 'click_ne')} | {', '.join(map(str, r['best_steps']))} | {r['minutes_per_run']:.1f} |")
+                     + f" | {fmt(r, 'click_ne')} | {', '.join(map(str, r['best_steps']))} | {r['minutes_per_run']:.1f} | "
+                     + ("-" if r.get("impressions_per_s") is None else f"{r['impressions_per_s']:,.0f}") + " |")
     lines += ["", "Rare tasks (validation AUC, mean ± std over seeds; positives in the validation split):", "",
               "| config | " + " | ".join(f"{t} ({counts[t]['positives']:,})" for t in rare) + " |",
               "|" + "---|" * (len(rare) + 1)]

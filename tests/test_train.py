@@ -606,3 +606,44 @@ def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets
     assert [d["task"] for d in report["differences"]] == ["click", "long_view", "like"]
     assert feedsr["by_history"]["0-19"]["click"] == next(r for r in runs if r["seed"] == 1)["by_history"]["0-19"]["click"]
     assert "AUC by history length" in done.stdout
+
+
+def test_scaling_script_counts_flops_fits_the_frontier_and_plots(synthetic_dir, tmp_path):
+    """scripts/scaling.py end to end on the tiny data: real runs of two sizes at two budgets,
+    their counted FLOPs (more for the wider model and the longer budget), the frontier fit and
+    the PNG; a second call reuses every run."""
+    tiny = [o for o in tiny_overrides(synthetic_dir, tmp_path, "unused")
+            if o.startswith(("data.", "model.head.", "model.position_bias", "trainer.log_every"))
+            and not o.startswith(("data.path=", "data.batch_size="))]
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    cmd = [sys.executable, "scripts/scaling.py", "--sizes", "xs", "s", "--steps", "2", "4", "--parallel", "1",
+           "--flop-batches", "1", "--data", str(synthetic_dir), "--runs", str(tmp_path / "runs"),
+           "--json", str(out), "--png", str(png), "data=synthetic", *tiny, "trainer.val_max_rows=64"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    points = {(p["size"], p["steps"]): p for p in report["points"]}
+    assert sorted(points) == [("s", 2), ("s", 4), ("xs", 2), ("xs", 4)]
+    for size in ("xs", "s"):
+        assert points[size, 4]["flops"] == pytest.approx(2 * points[size, 2]["flops"])
+    assert points["s", 2]["flops"] > points["xs", 2]["flops"] > 0
+    for r in report["runs"]:
+        best = json.loads((tmp_path / "runs" / f"{r['size']}_steps{r['steps']}_seed0" / "best.json").read_text())
+        assert r["auc"] == pytest.approx((best["metrics"]["click"]["auc"] + best["metrics"]["long_view"]["auc"]) / 2)
+        assert f"model.d_model={16 if r['size'] == 'xs' else 32}" in r["command"]
+    assert report["fit"]["points"] >= 1 and png.stat().st_size > 1000
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(out.read_text())["runs"] == report["runs"]
+
+
+def test_scaling_fit_is_least_squares_on_the_frontier():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from scaling import fit, frontier
+
+    points = [{"flops": 1e9, "auc": 0.60}, {"flops": 1e10, "auc": 0.62}, {"flops": 3e10, "auc": 0.61},
+              {"flops": 1e11, "auc": 0.64}]
+    best = frontier(points)
+    assert [p["flops"] for p in best] == [1e9, 1e10, 1e11]  # 3e10 is beaten by a cheaper run
+    line = fit(best)
+    assert line["slope_per_10x"] == pytest.approx(0.02) and line["slope_se"] == pytest.approx(0.0, abs=1e-12)
+    assert line["intercept"] == pytest.approx(0.60 - 9 * 0.02)

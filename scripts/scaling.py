@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""A scaling curve: validation AUC against training FLOPs on the synthetic benchmark's world.
+
+    python scripts/scaling.py --sizes xs s m --steps 60 180 --json docs/scaling.json \
+        --png docs/scaling.png
+
+A family of Feed-SR models (``SIZES``: width, layers, heads; FFN 4x the width) each trained for
+every budget in ``--steps`` (OneCycle anneals over the budget, so every point is a finished
+run, not a point on a longer run's curve) on ``data/synthetic_bench`` (generated when absent, as
+``scripts/benchmark_synthetic.py`` does): 10k members with histories up to 1,000 impressions.
+The budgets stay under one epoch (``--batch-size`` x steps < the 10k training sequences by
+default), so a bigger model is not judged on data it has seen twice.
+
+- Training FLOPs per step are counted, not estimated: ``torch.utils.flop_counter`` over a forward
+  and backward of the model on ``--flop-batches`` real training batches (matmuls and attention;
+  embedding lookups, norms and the optimizer are not counted), times the steps.
+- The score of a run is its validation mean AUC over click and long_view (``best.json``, one
+  validation at the end of the budget).
+- The fit: AUC = a + b log10(FLOPs) over the compute-efficient frontier (the runs no cheaper run
+  beats), by least squares; b is the AUC gained per 10x training FLOPs (the paper: +0.0093 long
+  dwell AUC per 10x). With the seeds' spread it says how much of the slope is noise.
+
+Runs go to ``--runs/<size>_steps<S>_seed<K>`` and are reused when their ``result.json`` exists.
+``--parallel`` runs train side by side with cores / parallel threads each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from benchmark_synthetic import ensure_data  # noqa: E402  (the same world, generated the same way)
+
+SIZES = {  # name -> (width d_model, layers, heads)
+    "xs": (16, 1, 2),
+    "s": (32, 2, 2),
+    "m": (64, 2, 4),
+    "l": (96, 3, 4),
+}
+EXPERIMENT = "synthetic_bench_feedsr"
+TASKS = ("click", "long_view")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["xs", "s", "m"], choices=list(SIZES))
+    p.add_argument("--steps", type=int, nargs="+", default=[60, 180], help="training budgets (steps)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--batch-size", type=int, default=32, help="training sequences per step")
+    p.add_argument("--flop-batches", type=int, default=4, help="batches whose FLOPs are counted per run")
+    p.add_argument("--parallel", type=int, default=2, help="training runs side by side")
+    p.add_argument("--data", type=Path, default=REPO / "data/synthetic_bench")
+    p.add_argument("--runs", type=Path, default=REPO / "runs/scaling")
+    p.add_argument("--json", type=Path, help="write the points and the fit as JSON here")
+    p.add_argument("--png", type=Path, help="write the plot here")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. model.backbone=attnmvp)")
+    return p.parse_args(argv)
+
+
+def overrides_of(args, size: str, steps: int) -> list[str]:
+    width, layers, heads = SIZES[size]
+    return [f"experiment={EXPERIMENT}", f"data.path={args.data}", f"data.batch_size={args.batch_size}",
+            f"model.d_model={width}", f"model.num_layers={layers}", f"model.num_heads={heads}",
+            f"model.ffn_dim={4 * width}", f"trainer.max_steps={steps}", f"trainer.val_every={steps}",
+            f"trainer.checkpoint_every={steps}", *args.overrides]
+
+
+def flops_per_step(overrides: list[str], batches: int) -> tuple[float, int]:
+    """(training FLOPs per step, dense parameters): the mean over ``batches`` real batches of a
+    forward and backward pass, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from feedsr.runtime.sharding import unwrap
+    from feedsr.train.trainer import sampled_trainer
+
+    root = f"/tmp/feedsr_scaling_{os.getpid()}"
+    with sampled_trainer([*overrides, "run_id=flops", f"output_root={root}", "data.num_workers=0",
+                          "trainer.tensorboard=false"], batches) as (trainer, sample):
+        model = unwrap(trainer.model)
+        total = 0
+        for batch in sample:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(batch).float().sum().backward()
+            total += counter.get_total_flops()
+            model.zero_grad(set_to_none=True)
+        dense = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
+    return total / len(sample), dense
+
+
+def run_one(args, size: str, steps: int, seed: int, threads: int) -> dict:
+    run_id = f"{size}_steps{steps}_seed{seed}"
+    run_dir = args.runs / run_id
+    done = run_dir / "result.json"
+    overrides = overrides_of(args, size, steps)
+    if done.exists():
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "feedsr.train", *overrides, f"run_id={run_id}", f"output_root={args.runs}",
+           f"seed={seed}", "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "scaling.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'scaling.log'}")
+    best = json.loads((run_dir / "best.json").read_text())
+    per_step, dense = flops_per_step(overrides, args.flop_batches)
+    result = {"size": size, "steps": steps, "seed": seed, "seconds": seconds, "dense_parameters": dense,
+              "flops_per_step": per_step, "flops": per_step * steps,
+              "auc": statistics.fmean(best["metrics"][t]["auc"] for t in TASKS),
+              "valid": {t: best["metrics"][t]["auc"] for t in best["metrics"]}, "command": " ".join(cmd[1:])}
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def frontier(points: list[dict]) -> list[dict]:
+    """The compute-efficient runs: those whose AUC no cheaper run reaches."""
+    best, out = -math.inf, []
+    for p in sorted(points, key=lambda p: p["flops"]):
+        if p["auc"] > best:
+            out.append(p)
+            best = p["auc"]
+    return out
+
+
+def fit(points: list[dict]) -> dict:
+    """Least squares AUC = a + b log10(FLOPs); b per 10x, with its standard error."""
+    xs, ys = [math.log10(p["flops"]) for p in points], [p["auc"] for p in points]
+    n = len(xs)
+    if n < 2:
+        return {"points": n, "slope_per_10x": float("nan"), "slope_se": float("nan"), "intercept": float("nan")}
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(resid / (n - 2) / sxx) if n > 2 else float("nan")
+    return {"points": n, "slope_per_10x": slope, "slope_se": se, "intercept": intercept}
+
+
+def mean_points(results: list[dict]) -> list[dict]:
+    """One point per (size, steps): the seeds' mean AUC (and spread)."""
+    keys = sorted({(r["size"], r["steps"]) for r in results}, key=lambda k: (list(SIZES).index(k[0]), k[1]))
+    points = []
+    for size, steps in keys:
+        runs = [r for r in results if (r["size"], r["steps"]) == (size, steps)]
+        aucs = [r["auc"] for r in runs]
+        points.append({"size": size, "steps": steps, "flops": runs[0]["flops"], "auc": statistics.fmean(aucs),
+                       "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else None, "seeds": len(runs),
+                       "dense_parameters": runs[0]["dense_parameters"],
+                       "minutes": statistics.fmean(r["seconds"] for r in runs) / 60})
+    return points
+
+
+def plot(points: list[dict], line: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for size in dict.fromkeys(p["size"] for p in points):
+        mine = [p for p in points if p["size"] == size]
+        width, layers, _ = SIZES[size]
+        ax.plot([p["flops"] for p in mine], [p["auc"] for p in mine], "o-",
+                label=f"{size}: d={width}, {layers} layer(s), {mine[0]['dense_parameters']:,} dense params")
+    if math.isfinite(line["slope_per_10x"]):
+        lo, hi = min(p["flops"] for p in points), max(p["flops"] for p in points)
+        xs = [lo, hi]
+        ax.plot(xs, [line["intercept"] + line["slope_per_10x"] * math.log10(x) for x in xs], "k--",
+                label=f"frontier fit: {line['slope_per_10x']:+.4f} AUC per 10x FLOPs")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (counted: forward + backward, x steps)")
+    ax.set_ylabel("validation AUC, mean of click and long_view")
+    ax.set_title("Feed-SR on the synthetic benchmark's world")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ensure_data(args)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    jobs = [(size, steps, seed) for seed in args.seeds for size in args.sizes for steps in args.steps]
+    print(f"[scaling] {len(jobs)} runs, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+    start = time.perf_counter()
+
+    def job(item):
+        result = run_one(args, *item, threads)
+        print(f"[scaling] {item[0]} {item[1]} steps seed {item[2]}: AUC {result['auc']:.4f}, "
+              f"{result['flops']:.3g} FLOPs ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+        return result
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = list(pool.map(job, jobs))
+    points = mean_points(results)
+    line = fit(frontier(points))
+    print(f"{'size':5s} {'steps':>6s} {'FLOPs':>10s} {'AUC':>8s} {'min':>5s}")
+    for p in points:
+        print(f"{p['size']:5s} {p['steps']:6d} {p['flops']:10.3g} {p['auc']:8.4f} {p['minutes']:5.1f}")
+    print(f"frontier fit over {line['points']} points: {line['slope_per_10x']:+.4f} AUC per 10x FLOPs "
+          f"(standard error {line['slope_se']:.4f})")
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": {s: SIZES[s] for s in args.sizes}, "batch_size": args.batch_size,
+                                         "overrides": args.overrides, "points": points, "fit": line,
+                                         "runs": results}, indent=1) + "\n")
+    if args.png:
+        plot(points, line, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
