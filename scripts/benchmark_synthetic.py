@@ -145,7 +145,9 @@ def run_model(args, name: str, seed: int, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
     best = json.loads((run_dir / "best.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     result = {"config": name, "seed": seed, "settings": settings, "train_seconds": seconds, "best_step": best["step"],
+              "impressions_per_s": statistics.fmean(r["impressions_per_s"] for r in records),
               "valid": {t: pick(m) for t, m in best["metrics"].items()},
               **evaluate_test(args, run_dir / "checkpoints" / f"step-{best['step']}", threads),
               "command": " ".join(cmd[1:])}
@@ -204,7 +206,11 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
         row = {"config": name, "what": CONFIGS[name][2] if name in CONFIGS else
                "LightGBM per task on the impression's own features (no history)",
                "seeds": [r["seed"] for r in runs], "best_steps": [r["best_step"] for r in runs],
-               "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60, "test": {}, "by_history": {}}
+               "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60, "test": {}, "by_history": {},
+               "impressions_per_s": (statistics.fmean(r["impressions_per_s"] for r in runs)
+                                     if all("impressions_per_s" in r for r in runs) else None),
+               "valid_auc": ({t: mean_std([r["valid"][t]["auc"] for r in runs]) for t in runs[0]["valid"]}
+                             if all("valid" in r for r in runs) else None)}
         for task in runs[0]["test"]:
             row["test"][task] = {}
             for key in ("auc", "ne", "oracle_fraction"):
@@ -246,6 +252,15 @@ def markdown(rows: list[dict], diffs: list[dict], effects: dict[str, dict[str, f
             m = r["test"][t]
             lines.append(f"| {r['config']} | {t} | {fmt(m, 'auc')} | {m['oracle_auc']:.4f} | "
                          f"{fmt(m, 'oracle_fraction', 3)} | {fmt(m, 'ne')} |")
+    trained = [r for r in rows if r["valid_auc"]]
+    if trained:
+        lines += ["", "Validation AUC (the split the checkpoint was chosen on), mean ± std over seeds, and training "
+                  "impressions/s:", "", "| config | " + " | ".join(f"{t} AUC" for t in REPORT_TASKS) + " | imps/s |",
+                  "|" + "---|" * (len(REPORT_TASKS) + 2)]
+        for r in trained:
+            speed = "-" if r["impressions_per_s"] is None else f"{r['impressions_per_s']:,.0f}"
+            lines.append(f"| {r['config']} | " + " | ".join(
+                "{:.4f} ± {:.4f}".format(*r["valid_auc"][t]) for t in REPORT_TASKS) + f" | {speed} |")
     rare = [t for t in tasks if t not in REPORT_TASKS]
     lines += ["", "Every task, test AUC (oracle fraction), mean over seeds:", "",
               "| config | " + " | ".join(tasks) + " | min/run | best steps (trees: mean rounds) |",

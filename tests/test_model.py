@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -425,3 +426,15 @@ def test_fitted_context_norm_equals_standardised_input(name, late_fusion):
     with torch.no_grad():
         torch.testing.assert_close(fitted(batch), plain(standardised))
         assert not torch.allclose(fitted(batch), plain(batch))  # the map changes the scores
+
+
+def test_attention_temperature_reaches_every_attention():
+    """HDET's attention-temperature scalar: the blocks' attention and attnmvp's action pooling."""
+    from feedsr.model.transformer import ActionPooling, SelfAttention
+    from feedsr.train.hdet import set_attention_temperature
+
+    model = model_of(backbone="attnmvp")
+    set_attention_temperature(model, 0.7)
+    attentions = [m for m in model.modules() if isinstance(m, (SelfAttention, ActionPooling))]
+    assert len(attentions) == 3 and {m.temperature for m in attentions} == {0.7}
+    assert model.action_pool.scale == pytest.approx(0.7 / math.sqrt(model.action_pool.head_dim))

@@ -160,10 +160,10 @@ def scale_dropout(model: nn.Module, scale: float) -> None:
 
 
 def set_attention_temperature(model: nn.Module, t: float) -> None:
-    from feedsr.model.transformer import SelfAttention
+    from feedsr.model.transformer import ActionPooling, SelfAttention
 
-    for m in model.modules():
-        if isinstance(m, SelfAttention):
+    for m in model.modules():  # every attention: the blocks' and attnmvp's action pooling
+        if isinstance(m, (SelfAttention, ActionPooling)):
             m.temperature = t
 
 
