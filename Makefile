@@ -9,7 +9,7 @@ ARGS ?=
 .DEFAULT_GOAL := help
 PYSPARK := pyspark==4.0.1
 
-.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-synthetic bench-hdet bench-reader clean
+.PHONY: help setup train test test-slow test-spark data kuairand kuairand-prepared kuairand-full baseline-trees search-kuairand bench-kuairand bench-synthetic bench-beyond scaling bench-hdet bench-reader clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -78,6 +78,18 @@ bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best confi
 bench-synthetic: $(STAMP) ## the synthetic benchmark: oracle, Feed-SR, DCNv2, no history, trees; 3 seeds, by history length (docs/benchmarks.md)
 	$(PY) scripts/benchmark_synthetic.py --seeds 0 1 2 --parallel 2 \
 		--json docs/benchmark_synthetic.json --markdown runs/benchmark_synthetic.md
+
+bench-beyond: $(STAMP) ## beyond the paper: AttnMVP and time rotations vs the interleaved default on KuaiRand (3 seeds) and the synthetic benchmark (docs/benchmarks.md)
+	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
+	$(PY) scripts/benchmark_kuairand.py --configs feedsr attnmvp rope_time learned_time_rope --seeds 0 1 2 \
+		--parallel 2 --history-seeds 0 --runs runs/kuairand_beyond --json docs/benchmark_kuairand_beyond.json \
+		--markdown runs/kuairand_beyond.md
+	$(PY) scripts/benchmark_synthetic.py --configs feedsr attnmvp rope_time learned_time_rope --seeds 0 \
+		--parallel 2 --runs runs/synthetic_beyond --json docs/benchmark_synthetic_beyond.json \
+		--markdown runs/synthetic_beyond.md
+
+scaling: $(STAMP) ## validation AUC against counted training FLOPs, a family of Feed-SR sizes on the synthetic benchmark's world (docs/scaling.png)
+	$(PY) scripts/scaling.py --sizes xs s m --steps 60 180 --json docs/scaling.json --png docs/scaling.png
 
 bench-hdet: $(STAMP) ## HDET: sweep vs one run, divergence search, stability, sync vs independent replicas; 4 processes (docs/hdet.md)
 	$(PY) scripts/hdet_experiment.py sweep --out docs/hdet_sweep.json

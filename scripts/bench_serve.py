@@ -4,7 +4,8 @@
     python scripts/bench_serve.py --checkpoint runs/synthetic_main --exported runs/synthetic_main/exported_1000 \
         [--history 1000] [--candidates 1 64 512] [--threads 1 2] [--repeats 100] [--json FILE]
 
-A request is one member with ``--history`` impressions (2x as many tokens) and N candidates; its
+A request is one member with ``--history`` impressions (2x as many tokens; as many with
+``model.backbone=attnmvp``, whose ``kv_update`` re-encodes the history in full) and N candidates; its
 ids are drawn within the model's tables (latency does not depend on the values). Rows:
 
 - ``one_by_one``: the model's own forward on [history, candidate] for every candidate (the
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, default=Path("runs/synthetic_main"),
                    help="step-N folder or run directory (default: the main job's, `make train`)")
     p.add_argument("--exported", type=Path, help="export folder (made here with --max-history = --history if empty)")
-    p.add_argument("--history", type=int, default=1000, help="history impressions (2x tokens)")
+    p.add_argument("--history", type=int, default=1000, help="history impressions (2x tokens, interleaved)")
     p.add_argument("--candidates", type=int, nargs="+", default=[1, 64, 512])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one table each")
     p.add_argument("--repeats", type=int, default=100, help="timed requests per method and size")
@@ -155,6 +156,12 @@ def sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal
     return flops // 2 if is_causal else flops
 
 
+def sdpa_cpu_backward_flops(grad_shape, query_shape, key_shape, value_shape, out_shape, lse_shape,
+                            dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """Its backward: dV, dP, dQ, dK, twice the forward's products (the usual count)."""
+    return 2 * sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p, is_causal)
+
+
 def count_flops(call) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -220,14 +227,17 @@ def print_row(row: dict, peak: float) -> None:
 
 def load_exported(args, trained):
     """The ExportedScorer of ``--exported``, exporting there first if it holds no export."""
-    from feedsr.serve.export import export
+    from feedsr.serve.export import ExportError, export
     from feedsr.serve.exported import EXPORT_META, ExportedScorer
 
     if args.exported is None:
         return None
     if not (args.exported / EXPORT_META).is_file():
         print(f"exporting {trained.checkpoint} to {args.exported} (--max-history {args.history}) ...", flush=True)
-        export(trained, args.exported, max_history=args.history)
+        try:
+            export(trained, args.exported, max_history=args.history)
+        except ExportError as e:
+            raise SystemExit(f"--exported: {e}") from None
     scorer = ExportedScorer(args.exported)
     if scorer.meta["max_history"] < args.history:
         raise SystemExit(f"{args.exported} serves histories of up to {scorer.meta['max_history']} impressions, "
@@ -247,14 +257,14 @@ def main(argv=None) -> dict:
     exported = load_exported(args, trained)
     width = model.transformer.ln_out.normalized_shape[0]
     trained_max = trained.config.data.max_seq_len - 1
-    print(f"{trained.checkpoint}: Feed-SR width {width}, {len(model.transformer.blocks)} layers, trained on "
-          f"histories of <= {trained_max} impressions; history {args.history} impressions "
-          f"({2 * args.history} tokens), median of {args.repeats} requests (one by one: "
+    print(f"{trained.checkpoint}: Feed-SR ({model.cfg.backbone}) width {width}, {len(model.transformer.blocks)} "
+          f"layers, trained on histories of <= {trained_max} impressions; history {args.history} impressions "
+          f"({model.tokens_per_impression * args.history} tokens), median of {args.repeats} requests (one by one: "
           f"{args.one_by_one_repeats}), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     cached_bytes = scorer.encode_history(request(spec, args.history, 1)[0]).nbytes
     print(f"a cached history (keys and values of every layer) takes {cached_bytes / 2 ** 20:.2f} MiB per member")
     result = {"checkpoint": str(trained.checkpoint), "history": args.history, "width": width,
-              "layers": len(model.transformer.blocks), "exported": str(args.exported) if exported else None,
+              "layers": len(model.transformer.blocks), "backbone": model.cfg.backbone, "exported": str(args.exported) if exported else None,
               "cached_history_bytes": cached_bytes, "tables": []}
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -12,15 +12,20 @@ The budgets stay under one epoch (``--batch-size`` x steps < the 10k training se
 default), so a bigger model is not judged on data it has seen twice.
 
 - Training FLOPs per step are counted, not estimated: ``torch.utils.flop_counter`` over a forward
-  and backward of the model on ``--flop-batches`` real training batches (matmuls and attention;
-  embedding lookups, norms and the optimizer are not counted), times the steps.
+  and backward of the model on ``--flop-batches`` real training batches, times the steps. It counts
+  matrix products and attention (CPU SDPA, which torch's counter skips, as ``bench_serve.py``
+  counts it: QK^T and AV, half of it under the causal flag, the backward twice the forward; a
+  masked attention, such as attnmvp's strict one, at full cost, as the kernel runs it), not
+  embedding lookups, norms or the optimizer. Counted once per size, one after another, after
+  the trainings.
 - The score of a run is its validation mean AUC over click and long_view (``best.json``, one
   validation at the end of the budget).
 - The fit: AUC = a + b log10(FLOPs) over the compute-efficient frontier (the runs no cheaper run
   beats), by least squares; b is the AUC gained per 10x training FLOPs (the paper: +0.0093 long
   dwell AUC per 10x). With the seeds' spread it says how much of the slope is noise.
 
-Runs go to ``--runs/<size>_steps<S>_seed<K>`` and are reused when their ``result.json`` exists.
+Runs go to ``--runs/<size>_steps<S>_seed<K>`` and are reused when their ``result.json`` holds the
+same settings (the overrides, seed and data; else the run is trained again).
 ``--parallel`` runs train side by side with cores / parallel threads each.
 """
 
@@ -30,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from bench_serve import sdpa_cpu_backward_flops, sdpa_cpu_flops  # noqa: E402  (one way to count attention)
 from benchmark_synthetic import ensure_data  # noqa: E402  (the same world, generated the same way)
 
 SIZES = {  # name -> (width d_model, layers, heads)
@@ -75,22 +82,25 @@ def overrides_of(args, size: str, steps: int) -> list[str]:
             f"trainer.checkpoint_every={steps}", *args.overrides]
 
 
-def flops_per_step(overrides: list[str], batches: int) -> tuple[float, int]:
+def flops_per_step(overrides: list[str], batches: int, root: Path) -> tuple[float, int]:
     """(training FLOPs per step, dense parameters): the mean over ``batches`` real batches of a
-    forward and backward pass, counted by torch's FlopCounterMode."""
+    forward and backward pass, counted by torch's FlopCounterMode (CPU attention as bench_serve
+    counts it). One process-wide trainer: call it from one thread at a time."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from feedsr.runtime.sharding import unwrap
     from feedsr.train.trainer import sampled_trainer
 
-    root = f"/tmp/feedsr_scaling_{os.getpid()}"
+    aten = torch.ops.aten
+    attention = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops,
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_cpu_backward_flops}
     with sampled_trainer([*overrides, "run_id=flops", f"output_root={root}", "data.num_workers=0",
                           "trainer.tensorboard=false"], batches) as (trainer, sample):
         model = unwrap(trainer.model)
         total = 0
         for batch in sample:
-            counter = FlopCounterMode(display=False)
-            with counter:
+            with FlopCounterMode(display=False, custom_mapping=attention) as counter:
                 model(batch).float().sum().backward()
             total += counter.get_total_flops()
             model.zero_grad(set_to_none=True)
@@ -98,13 +108,34 @@ def flops_per_step(overrides: list[str], batches: int) -> tuple[float, int]:
     return total / len(sample), dense
 
 
+def size_flops(args, size: str) -> dict:
+    """FLOPs per step and dense parameters of a size (they do not depend on the budget), counted
+    once and kept in ``--runs/<size>_flops.json`` with the settings they were counted under."""
+    path = args.runs / f"{size}_flops.json"
+    overrides = overrides_of(args, size, max(args.steps))
+    settings = {"overrides": overrides, "flop_batches": args.flop_batches}
+    if path.exists() and json.loads(path.read_text())["settings"] == settings:
+        return json.loads(path.read_text())
+    per_step, dense = flops_per_step(overrides, args.flop_batches, args.runs / "_flops")
+    record = {"settings": settings, "flops_per_step": per_step, "dense_parameters": dense}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def run_one(args, size: str, steps: int, seed: int, threads: int) -> dict:
+    """Train one size, budget and seed (or reuse its finished run); its validation AUC."""
     run_id = f"{size}_steps{steps}_seed{seed}"
     run_dir = args.runs / run_id
     done = run_dir / "result.json"
     overrides = overrides_of(args, size, steps)
+    settings = {"overrides": overrides, "seed": seed}
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("settings") == settings:
+            return result
+        print(f"[scaling] {run_id}: its result.json was made with other settings; training it again", flush=True)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "feedsr.train", *overrides, f"run_id={run_id}", f"output_root={args.runs}",
            f"seed={seed}", "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,9 +146,7 @@ def run_one(args, size: str, steps: int, seed: int, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'scaling.log'}")
     best = json.loads((run_dir / "best.json").read_text())
-    per_step, dense = flops_per_step(overrides, args.flop_batches)
-    result = {"size": size, "steps": steps, "seed": seed, "seconds": seconds, "dense_parameters": dense,
-              "flops_per_step": per_step, "flops": per_step * steps,
+    result = {"size": size, "steps": steps, "seed": seed, "settings": settings, "seconds": seconds,
               "auc": statistics.fmean(best["metrics"][t]["auc"] for t in TASKS),
               "valid": {t: best["metrics"][t]["auc"] for t in best["metrics"]}, "command": " ".join(cmd[1:])}
     done.write_text(json.dumps(result, indent=1) + "\n")
@@ -142,6 +171,8 @@ def fit(points: list[dict]) -> dict:
         return {"points": n, "slope_per_10x": float("nan"), "slope_se": float("nan"), "intercept": float("nan")}
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:  # one FLOPs value: no slope to fit
+        return {"points": n, "slope_per_10x": float("nan"), "slope_se": float("nan"), "intercept": float("nan")}
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     intercept = my - slope * mx
     resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
@@ -201,12 +232,16 @@ def main(argv=None) -> int:
 
     def job(item):
         result = run_one(args, *item, threads)
-        print(f"[scaling] {item[0]} {item[1]} steps seed {item[2]}: AUC {result['auc']:.4f}, "
-              f"{result['flops']:.3g} FLOPs ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+        print(f"[scaling] {item[0]} {item[1]} steps seed {item[2]}: AUC {result['auc']:.4f} "
+              f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
         return result
 
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(job, jobs))
+    counted = {size: size_flops(args, size) for size in args.sizes}  # one at a time: one trainer per process
+    for r in results:
+        r["flops_per_step"], r["dense_parameters"] = counted[r["size"]]["flops_per_step"], counted[r["size"]]["dense_parameters"]
+        r["flops"] = r["flops_per_step"] * r["steps"]
     points = mean_points(results)
     line = fit(frontier(points))
     print(f"{'size':5s} {'steps':>6s} {'FLOPs':>10s} {'AUC':>8s} {'min':>5s}")

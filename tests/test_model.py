@@ -387,8 +387,10 @@ def test_check_model_config_rejects_bad_widths(overrides, message):
 
 
 def test_rope_time_is_the_former_spelling_of_rope_time():
-    assert ModelConfig(rope_time=True).rope == "time"
-    assert ModelConfig(rope="time").rope_time and not ModelConfig(rope="learned_time").rope_time
+    cfg = ModelConfig(rope_time=True)
+    assert (cfg.rope, cfg.rope_time) == ("time", None)  # read once, then model.rope alone
+    assert dataclasses.replace(cfg, rope="position").rope == "position"
+    assert ModelConfig(rope="time", rope_time=False).rope == "time"
 
 
 def test_check_model_config_accepts_what_builds():

@@ -304,6 +304,24 @@ def test_resume_refuses_a_config_that_changes_what_is_learned(synthetic_dir, tmp
     assert run(compose(changed + ["trainer.max_steps=4", "trainer.allow_config_change=true"])).step == 4
 
 
+@pytest.mark.parametrize("rope_time,rope,changes", [
+    (False, "position", []), (True, "time", []), (True, "position", ["model.rope: 'time' -> 'position'"]),
+    (False, "learned_time", ["model.rope: 'position' -> 'learned_time'"])])
+def test_a_config_saved_before_the_backbone_and_rope_keys_resumes_as_it_was(rope_time, rope, changes):
+    """A run saved before model.backbone, model.rope and model.action_value_scale existed (its
+    RoPE set by model.rope_time) was the interleaved model: resuming it with the same model is
+    no change; another rotation is one."""
+    from feedsr.runtime.config import config_changes, to_config
+
+    saved = OmegaConf.to_container(OmegaConf.structured(to_config(compose([]))))
+    for key in ("backbone", "rope", "action_value_scale"):
+        del saved["model"][key]
+    saved["model"]["rope_time"] = rope_time
+    assert config_changes(OmegaConf.to_yaml(saved), to_config(compose([f"model.rope={rope}"]))) == changes
+    assert config_changes(OmegaConf.to_yaml(saved), to_config(compose(["model.backbone=attnmvp"]))) == (
+        ["model.backbone: 'interleaved' -> 'attnmvp'"] + (["model.rope: 'time' -> 'position'"] if rope_time else []))
+
+
 def test_log_every_sets_the_records(synthetic_dir, tmp_path):
     overrides = tiny_overrides(synthetic_dir, tmp_path, "every") + ["trainer.max_steps=12", "trainer.log_every=5"]
     result = run(compose(overrides))

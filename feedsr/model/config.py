@@ -58,7 +58,7 @@ class ModelConfig:
     # position: the classic angles | time: half of the pairs turn with time instead |
     # learned_time: SIREN-RoPE, every pair turns by a learned function of time beside the position
     rope: str = "position"
-    rope_time: bool = False  # the former spelling of rope=time (older configs and checkpoints)
+    rope_time: bool | None = None  # the former spelling of rope=time (older configs, checkpoints)
     rope_time_unit_s: float = 3600.0
     late_fusion: bool = True  # False: context features go into the post tokens instead
     context_norm: bool = True  # context features: asinh of their standard scores (training moments)
@@ -109,7 +109,7 @@ class ModelConfig:
                 raise ValueError("model.rope_time=true (the former spelling of model.rope=time) "
                                  "conflicts with model.rope=learned_time")
             self.rope = "time"
-        self.rope_time = self.rope == "time"  # one meaning, whichever spelling set it
+        self.rope_time = None  # read once: model.rope is the one setting from here on
         if self.rope != "position" and self.position_encoding != "rope":
             raise ValueError(f"model.rope={self.rope} needs model.position_encoding=rope")
 

@@ -130,7 +130,8 @@ class FeedSR(nn.Module):
 
     def attend(self, visible: torch.Tensor):
         """attnmvp's attention step under the item mask ``visible`` (see ``strict_attention``)."""
-        return strict_attention(visible, self.cfg.attn_dropout if self.training else 0.0)
+        # the blocks' own rate (HDET's dropout scalar rescales it there), not the config's
+        return strict_attention(visible, self.transformer.blocks[0].attn.attn_dropout if self.training else 0.0)
 
     def rope(self, positions: torch.Tensor, timestamps: torch.Tensor | None = None,
              origin: torch.Tensor | None = None) -> torch.Tensor | None:

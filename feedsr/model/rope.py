@@ -124,6 +124,7 @@ class LearnedTimeRotation(nn.Module):
     def forward(self, positions: torch.Tensor, timestamps: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
         """positions (B or 1, S); timestamps (B, S) and origin (B, 1) in seconds."""
         features = self.time_features(timestamps, origin, self.long_unit_s)
-        time_angles = (self.siren(features) + self.mlp(features)) * self.omega
+        with torch.autocast(features.device.type, enabled=False):  # angles in fp32 under bf16 training
+            time_angles = (self.siren(features) + self.mlp(features)) * self.omega
         inv_freq = inverse_frequencies(self.num_pairs, self.base, positions.device)
         return time_angles + positions[..., None].float() * inv_freq * self.gate

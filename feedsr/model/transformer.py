@@ -48,7 +48,8 @@ class SelfAttention(nn.Module):
     def heads(self, x: torch.Tensor, angles: torch.Tensor | None, value_add: torch.Tensor | None = None):
         """Queries, keys, values of x (B, S, D), each (B, H, S, Dh), RoPE applied to q and k.
         ``value_add`` (B, S, D): mixed into the values' input only, ``W_v (x + value_add)``
-        (AttnMVP's ``H_t + lambda a_t``; queries and keys stay the item states')."""
+        (AttnMVP's ``H_t + lambda a_t``, x being the block's attention input: LN(H) pre-LN, H
+        with ``post_ln``; queries and keys stay the item states')."""
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if value_add is not None:

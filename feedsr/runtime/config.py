@@ -264,11 +264,24 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def _as_of_now(old: dict) -> dict:
+    """A saved config's flat keys in today's spelling: the model keys added since it may have
+    been saved take the meaning the model had before them (the interleaved backbone; RoPE by
+    position, or by time where the former ``model.rope_time`` said so)."""
+    old = dict(old)
+    rope_time = old.pop("model.rope_time", None)
+    old.setdefault("model.rope", "time" if rope_time else "position")
+    old.setdefault("model.backbone", "interleaved")
+    old.setdefault("model.action_value_scale", 1.0)
+    return old
+
+
 def config_changes(saved_yaml: str, config: Config) -> list[str]:
     """Keys (with old and new values) where ``config`` differs from a run's saved config.yaml in
     something other than RESUMABLE_CHANGES."""
-    old = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    old = _as_of_now(_flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml))))
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
+    new.pop("model.rope_time", None)  # always null once read: model.rope holds its meaning
     keys = sorted(k for k in set(old) | set(new)
                   if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]

@@ -74,8 +74,8 @@ class Placement:
         index: (B,) their impression index L_b (history length): learned position and RoPE position.
         angles: (B, Dh/2) their RoPE angles (position L_b, and the request time with a time-aware ``model.rope``),
             None without RoPE.
-        visible: (B,) history tokens they attend to: 2 L_b; with ``session_mask`` only the
-            sessions before the request's; 0 for the no-history ablation.
+        visible: (B,) history tokens they attend to: 2 L_b (L_b for attnmvp); with
+            ``session_mask`` only the sessions before the request's; 0 for the no-history ablation.
     """
 
     index: torch.Tensor

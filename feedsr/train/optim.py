@@ -1,6 +1,7 @@
 """Dense optimizer with parameter groups, and the OneCycle base learning-rate schedule.
 
-Groups (HDET explores a learning rate per group): ``transformer`` (decayed transformer matrices),
+Groups (HDET explores a learning rate per group): ``transformer`` (decayed transformer matrices,
+attnmvp's action pooling too),
 ``dense`` (other decayed matrices) and ``no_decay`` (norms, biases, residual scalars, position
 tables: weight decay on them only shrinks what they encode). Embedding tables are not here: a
 fused optimizer updates them inside backward.
@@ -23,7 +24,8 @@ NO_DECAY_NAMES = ("position_bias", "abs_positions")
 def group_of(name: str, param: torch.Tensor) -> str:
     if param.ndim < 2 or any(n in name for n in NO_DECAY_NAMES):
         return "no_decay"
-    return "transformer" if ".transformer." in f".{name}" else "dense"
+    attention = ".transformer." in f".{name}" or name.startswith("action_pool.")  # attnmvp's pooling
+    return "transformer" if attention else "dense"
 
 
 def dense_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
