@@ -156,7 +156,7 @@ def sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal
     return flops // 2 if is_causal else flops
 
 
-def sdpa_cpu_backward_flops(grad_shape, query_shape, key_shape, value_shape, out_shape, lse_shape,
+def sdpa_cpu_backward_flops(grad, query_shape, key_shape, value_shape, output, logsumexp,
                             dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
     """Its backward: dV, dP, dQ, dK, twice the forward's products (the usual count)."""
     return 2 * sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p, is_causal)
