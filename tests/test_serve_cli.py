@@ -382,17 +382,30 @@ def varied_requests(trained, synthetic_dir: Path) -> pa.Table:
     return table
 
 
-def test_traced_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
+@pytest.fixture(scope="module")
+def learned_time_run(synthetic_dir, tmp_path_factory) -> Path:
+    """A run with SIREN-RoPE rotations (model.rope=learned_time): its rotation depends on time."""
+    root = tmp_path_factory.mktemp("serve_cli_time")
+    overrides = tiny_overrides(synthetic_dir, root, "time") + [
+        "trainer.max_steps=10", "trainer.checkpoint_every=10", "optimizer.lr=0.01", "model.rope=learned_time"]
+    return run(compose(overrides)).run_dir
+
+
+@pytest.mark.parametrize("run_fixture", ["trained_run", "learned_time_run"])
+def test_traced_programs_score_like_the_eager_model(run_fixture, synthetic_dir, tmp_path, request):
     """The export path without compiling: the programs as ``torch.export`` traces them (dynamic
     history length and candidate count), run by the exported runner on the request file's
-    histories and candidates, dense features included, score like the eager scorer."""
+    histories and candidates, dense features included, score like the eager scorer (for the
+    learned time rotations too)."""
     from feedsr.serve.__main__ import sliced
     from feedsr.serve.export import export_meta, trace
     from feedsr.serve.exported import CANDIDATE_PROGRAM, HISTORY_PROGRAM, ExportedScorer
     from feedsr.serve.requests import read_requests
     from feedsr.serve.scorer import CandidateScorer
 
-    trained = load_trained(trained_run)
+    trained = load_trained(request.getfixturevalue(run_fixture))
+    if run_fixture == "learned_time_run":  # trained away from its start (plain RoPE)
+        assert trained.model.time_rotation.siren[-1].weight.abs().max() > 0
     programs = {name: p.module() for name, p in trace(trained, 127).items()}
     meta = export_meta(trained, 127)
     assert meta["dense"] == list(trained.spec.read.dense) and meta["dense"]
