@@ -89,7 +89,7 @@ bench-beyond: $(STAMP) ## beyond the paper: AttnMVP and time rotations vs the in
 		--markdown runs/synthetic_beyond.md
 
 scaling: $(STAMP) ## validation AUC against counted training FLOPs, a family of Feed-SR sizes on the synthetic benchmark's world (docs/scaling.png)
-	$(PY) scripts/scaling.py --sizes xs s m --steps 60 180 --json docs/scaling.json --png docs/scaling.png
+	$(PY) scripts/scaling.py --sizes xs s m l --steps 60 240 --json docs/scaling.json --png docs/scaling.png
 
 bench-hdet: $(STAMP) ## HDET: sweep vs one run, divergence search, stability, sync vs independent replicas; 4 processes (docs/hdet.md)
 	$(PY) scripts/hdet_experiment.py sweep --out docs/hdet_sweep.json

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A scaling curve: validation AUC against training FLOPs on the synthetic benchmark's world.
 
-    python scripts/scaling.py --sizes xs s m --steps 60 180 --json docs/scaling.json \
+    python scripts/scaling.py --sizes xs s m l --steps 60 240 --json docs/scaling.json \
         --png docs/scaling.png
 
 A family of Feed-SR models (``SIZES``: width, layers, heads; FFN 4x the width) each trained for
@@ -60,8 +60,8 @@ TASKS = ("click", "long_view")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["xs", "s", "m"], choices=list(SIZES))
-    p.add_argument("--steps", type=int, nargs="+", default=[60, 180], help="training budgets (steps)")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--steps", type=int, nargs="+", default=[60, 240], help="training budgets (steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--batch-size", type=int, default=32, help="training sequences per step")
     p.add_argument("--flop-batches", type=int, default=4, help="batches whose FLOPs are counted per run")
@@ -194,7 +194,7 @@ def mean_points(results: list[dict]) -> list[dict]:
     return points
 
 
-def plot(points: list[dict], line: dict, path: Path) -> None:
+def plot(points: list[dict], line: dict, best: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,8 +207,7 @@ def plot(points: list[dict], line: dict, path: Path) -> None:
         ax.plot([p["flops"] for p in mine], [p["auc"] for p in mine], "o-",
                 label=f"{size}: d={width}, {layers} layer(s), {mine[0]['dense_parameters']:,} dense params")
     if math.isfinite(line["slope_per_10x"]):
-        lo, hi = min(p["flops"] for p in points), max(p["flops"] for p in points)
-        xs = [lo, hi]
+        xs = [best[0]["flops"], best[-1]["flops"]]  # over the frontier it was fitted on, not beyond
         ax.plot(xs, [line["intercept"] + line["slope_per_10x"] * math.log10(x) for x in xs], "k--",
                 label=f"frontier fit: {line['slope_per_10x']:+.4f} AUC per 10x FLOPs")
     ax.set_xscale("log")
@@ -243,7 +242,8 @@ def main(argv=None) -> int:
         r["flops_per_step"], r["dense_parameters"] = counted[r["size"]]["flops_per_step"], counted[r["size"]]["dense_parameters"]
         r["flops"] = r["flops_per_step"] * r["steps"]
     points = mean_points(results)
-    line = fit(frontier(points))
+    best = frontier(points)
+    line = fit(best)
     print(f"{'size':5s} {'steps':>6s} {'FLOPs':>10s} {'AUC':>8s} {'min':>5s}")
     for p in points:
         print(f"{p['size']:5s} {p['steps']:6d} {p['flops']:10.3g} {p['auc']:8.4f} {p['minutes']:5.1f}")
@@ -252,9 +252,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"sizes": {s: SIZES[s] for s in args.sizes}, "batch_size": args.batch_size,
                                          "overrides": args.overrides, "points": points, "fit": line,
+                                         "frontier": [(p["size"], p["steps"]) for p in best],
                                          "runs": results}, indent=1) + "\n")
     if args.png:
-        plot(points, line, args.png)
+        plot(points, line, best, args.png)
     return 0
 
 
