@@ -5,7 +5,7 @@
         [--history 1000] [--candidates 1 64 512] [--threads 1 2] [--repeats 100] [--json FILE]
 
 A request is one member with ``--history`` impressions (2x as many tokens; as many with
-``model.backbone=attnmvp``, whose ``kv_update`` re-encodes the history in full) and N candidates; its
+``model.backbone=attnmvp``) and N candidates; its
 ids are drawn within the model's tables (latency does not depend on the values). Rows:
 
 - ``one_by_one``: the model's own forward on [history, candidate] for every candidate (the

@@ -203,7 +203,7 @@ def test_a_cached_history_serves_later_requests():
 
 
 @pytest.mark.parametrize("config", ["rope_mmoe", "learned", "rope_time", "session_mask", "no_history",
-                                    "attnmvp"])
+                                    "attnmvp", "attnmvp_learned", "attnmvp_time", "attnmvp_session_mask"])
 @pytest.mark.parametrize("cached_len,new_len", [(5, 9), (1, 2), (7, 7)])
 def test_an_updated_cache_equals_encoding_the_longer_history(config, cached_len, new_len):
     """A member back with new impressions: the cache of the old history, extended (or, where the
@@ -211,11 +211,14 @@ def test_an_updated_cache_equals_encoding_the_longer_history(config, cached_len,
     scorer = CandidateScorer(model_of(**CONFIGS[config]), MODEL_SPEC)
     full = make_block([new_len], seed=6, gap_every=3)
     old = full.gather(np.array([0]), np.array([0]), np.array([cached_len]))  # its first impressions
-    updated = scorer.update_history(scorer.encode_history(old), full)
+    cache = scorer.encode_history(old)
+    causal = "session_mask" not in config and config != "no_history"
+    assert scorer._extends(cache, full) == causal  # extended, not re-encoded, where it can be
+    updated = scorer.update_history(cache, full)
     fresh = scorer.encode_history(full)
-    for got, want in zip(updated.keys + updated.values, fresh.keys + fresh.values):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     cached = fresh.keys + fresh.values + list(fresh.pool or ())  # attnmvp: AttnLFA's keys and values too
+    for got, want in zip(updated.keys + updated.values + list(updated.pool or ()), cached, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert updated.nbytes == fresh.nbytes == sum(t.numel() * 4 for t in cached)
     candidates = make_candidates(full, [5])
     torch.testing.assert_close(scorer.score_cached(updated, candidates),
@@ -290,12 +293,15 @@ def test_flex_attention_equals_one_by_one():
                                scorer.score(history, candidates, "one_by_one"), rtol=0, atol=1e-5)
 
 
-def test_only_the_interleaved_backbone_is_exported():
-    """attnmvp is served by the eager scorer; exporting it is refused, naming the setting."""
+def test_both_backbones_are_exported_with_a_causal_history_only():
+    """attnmvp is exported like the interleaved backbone; a session mask is refused for either,
+    naming the setting (the eager scorer serves it)."""
     from types import SimpleNamespace
 
     from feedsr.serve.export import ExportError, check_exportable
 
-    check_exportable(SimpleNamespace(model=model_of(), checkpoint="run/step-3"))
-    with pytest.raises(ExportError, match="run/step-3: model.backbone=attnmvp: only the interleaved backbone"):
-        check_exportable(SimpleNamespace(model=model_of(backbone="attnmvp"), checkpoint="run/step-3"))
+    for backbone in ("interleaved", "attnmvp"):
+        check_exportable(SimpleNamespace(model=model_of(backbone=backbone), checkpoint="run/step-3"))
+        with pytest.raises(ExportError, match="run/step-3: model.session_mask=True, .*only a causal history"):
+            check_exportable(SimpleNamespace(model=model_of(backbone=backbone, session_mask=True),
+                                             checkpoint="run/step-3"))

@@ -391,12 +391,22 @@ def learned_time_run(synthetic_dir, tmp_path_factory) -> Path:
     return run(compose(overrides)).run_dir
 
 
-@pytest.mark.parametrize("run_fixture", ["trained_run", "learned_time_run"])
+@pytest.fixture(scope="module")
+def attnmvp_run(synthetic_dir, tmp_path_factory) -> Path:
+    """A run of the non-interleaved backbone (model.backbone=attnmvp), with time-aware RoPE."""
+    root = tmp_path_factory.mktemp("serve_cli_attnmvp")
+    overrides = tiny_overrides(synthetic_dir, root, "attnmvp") + [
+        "trainer.max_steps=10", "trainer.checkpoint_every=10", "optimizer.lr=0.01", "model.backbone=attnmvp",
+        "model.rope=time"]
+    return run(compose(overrides)).run_dir
+
+
+@pytest.mark.parametrize("run_fixture", ["trained_run", "learned_time_run", "attnmvp_run"])
 def test_traced_programs_score_like_the_eager_model(run_fixture, synthetic_dir, tmp_path, request):
     """The export path without compiling: the programs as ``torch.export`` traces them (dynamic
     history length and candidate count), run by the exported runner on the request file's
     histories and candidates, dense features included, score like the eager scorer (for the
-    learned time rotations too)."""
+    learned time rotations and the attnmvp backbone too)."""
     from feedsr.serve.__main__ import sliced
     from feedsr.serve.export import export_meta, trace
     from feedsr.serve.exported import CANDIDATE_PROGRAM, HISTORY_PROGRAM, ExportedScorer
@@ -431,13 +441,18 @@ def test_traced_programs_score_like_the_eager_model(run_fixture, synthetic_dir, 
 
 
 @pytest.mark.slow  # AOTInductor compiles two programs: minutes on 2 cores
-def test_exported_programs_score_like_the_eager_model(trained_run, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("run_fixture,backbone,tokens", [("trained_run", "interleaved", 2),
+                                                         ("attnmvp_run", "attnmvp", 1)])
+def test_exported_programs_score_like_the_eager_model(run_fixture, backbone, tokens, synthetic_dir, tmp_path,
+                                                      request):
+    trained_run = request.getfixturevalue(run_fixture)
     out = tmp_path / "exported"
     done = subprocess.run([sys.executable, "-m", "feedsr.serve", "export", "--checkpoint", str(trained_run),
                            "--out", str(out), "--max-history", "127"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "export.json").read_text())
     assert (meta["layers"], meta["max_history"], meta["trained_max_history"]) == (1, 127, 63)
+    assert (meta["backbone"], meta["tokens_per_impression"]) == (backbone, tokens)
     trained = load_trained(trained_run)
     assert meta["dense"] == list(trained.spec.read.dense) and meta["dense"]  # the programs take dense features
     requests = tmp_path / "requests.parquet"

@@ -2,7 +2,8 @@
 
 ``python -m feedsr.serve export --checkpoint CK --out DIR`` writes
 
-    DIR/history.pt2      one member's history -> every layer's keys and values
+    DIR/history.pt2      one member's history -> every layer's keys and values (attnmvp: and
+                         AttnLFA's keys and values)
     DIR/candidates.pt2   N candidates of that member over the cached keys and values -> (N, K)
                          probabilities
     DIR/export.json      what a runner needs besides the programs: id features and their table
@@ -10,7 +11,8 @@
                          calibration (optional), and where the weights came from
 
 Both programs are the model's own steps (``FeedSR.dense_post_tokens``, ``interleave``, ``rope``,
-``predict``; the scorer's ``history_kv`` and ``over_cache``) traced with dynamic history length
+``predict``; the scorer's ``history_kv`` and ``over_cache``, for attnmvp ``item_tokens``'
+steps, ``item_history_kv`` and ``over_item_cache``) traced with dynamic history length
 and candidate count; ``feedsr/serve/exported.py`` runs them without the model code. Inputs are
 plain tensors: ids of every id feature stacked (F, 1, S) in table order (the programs take them
 modulo the table sizes, as training's ``collate`` does), action bits, the numbers (1, S, C + E):
@@ -19,8 +21,9 @@ order (one input, so that a model without dense features, and an export made bef
 existed, take the same inputs), timestamps, positions. One member per call (B = 1): a request.
 
 Only a causal history can be exported (not ``model.session_mask``, not ``model.use_history=false``):
-their masks depend on sessions and the request time; the eager scorer serves those. Only the
-interleaved backbone is exported (not ``model.backbone=attnmvp``, which the eager scorer serves).
+their masks depend on sessions and the request time; the eager scorer serves those. Both
+backbones are exported; ``export.json`` names the model's and its tokens per impression (2: X_t,
+A_t interleaved; 1: X_t for attnmvp), which the runner cuts the cache by.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from feedsr.eval.trained import Trained
 from feedsr.model.feedsr import FeedSR
 from feedsr.serve import attention
 from feedsr.serve.exported import CANDIDATE_PROGRAM, EXPORT_META, HISTORY_PROGRAM
-from feedsr.serve.scorer import history_kv, max_history as longest_history, over_cache
+from feedsr.serve.scorer import history_kv, item_history_kv, over_cache, over_item_cache
+from feedsr.serve.scorer import max_history as longest_history
 
 MAX_CANDIDATES = 65_536  # the candidate dimension's upper bound in the exported program
 
@@ -48,7 +52,8 @@ class ExportError(ValueError):
 
 class HistoryProgram(nn.Module):
     """(ids (F, 1, T), action_bits (1, T), numbers (1, T, C + E): context then dense features,
-    timestamps (1, T)) -> the L layers' keys, then their values, each (1, H, 2T, Dh)."""
+    timestamps (1, T)) -> the L layers' keys, then their values, each (1, H, 2T, Dh); attnmvp:
+    each (1, H, T, Dh), then AttnLFA's keys and values (1, H, T, Dh)."""
 
     def __init__(self, model: FeedSR, num_actions: int, context_dim: int):
         super().__init__()
@@ -59,6 +64,8 @@ class HistoryProgram(nn.Module):
         x = model.dense_post_tokens(list(ids.unbind(0)), numbers[..., :c], numbers[..., c:])  # (1, T, D)
         bits = torch.arange(self.num_actions, device=action_bits.device)
         actions = ((action_bits[..., None] >> bits) & 1).to(x.dtype)  # the multi-hot, as collate decodes it
+        if not model.interleaved:
+            return self._items(x, model.action_proj(actions), timestamps)
         seq = model.interleave(x, model.action_proj(actions))  # (1, 2T, D)
         positions = torch.arange(x.shape[1], device=x.device).repeat_interleave(2)[None]
         angles = model.rope(positions, timestamps.repeat_interleave(2, dim=1), timestamps[:, :1])
@@ -67,13 +74,21 @@ class HistoryProgram(nn.Module):
         # a compiled program's outputs need not have the eager views' strides
         return tuple(t.contiguous() for t in (*keys, *values))
 
+    def _items(self, x, a, timestamps):
+        """attnmvp: the items under the model's strictly causal item mask (a causal history)."""
+        model, length = self.model, x.shape[1]
+        angles = model.rope(torch.arange(length, device=x.device)[None], timestamps, timestamps[:, :1])
+        visible = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)[None, None]
+        keys, values, pool = item_history_kv(model, model.positioned(x), a, angles, model.attend(visible))
+        return tuple(t.contiguous() for t in (*keys, *values, *pool))
+
 
 class CandidateProgram(nn.Module):
     """(ids (F, 1, N), numbers (1, N, C + E): context then dense features, positions (1, N),
     index (1,), request_time (1,), origin (1,), keys..., values...) -> (1, N, K) probabilities.
     ``index``: the history length L (the candidates' impression index); ``origin``: the history's
     first timestamp; keys and values (1, H, 2L, Dh): the history's, every token visible to the
-    candidates."""
+    candidates (attnmvp: (1, H, L, Dh), then AttnLFA's keys and values)."""
 
     def __init__(self, model: FeedSR, context_dim: int):
         super().__init__()
@@ -90,7 +105,11 @@ class CandidateProgram(nn.Module):
         if angles is not None:
             angles = angles.expand(-1, x.shape[1], -1)
         # the keys and values are the member's history, all of it visible (no mask)
-        h = over_cache(model, x, angles, list(kv[:self.num_layers]), list(kv[self.num_layers:]), None)
+        keys, values = list(kv[:self.num_layers]), list(kv[self.num_layers:2 * self.num_layers])
+        if model.interleaved:
+            h = over_cache(model, x, angles, keys, values, None)
+        else:
+            h = over_item_cache(model, x, angles, keys, values, tuple(kv[2 * self.num_layers:]), None)
         logits = model.predict(h.flatten(0, 1), context.flatten(0, 1), positions.flatten())
         return logits.sigmoid().reshape(x.shape[0], x.shape[1], -1)
 
@@ -100,9 +119,6 @@ def check_exportable(trained: Trained) -> None:
     if cfg is None:
         raise ExportError(f"only Feed-SR models are exported, {trained.checkpoint} holds "
                           f"{type(trained.model).__name__}")
-    if cfg.backbone != "interleaved":
-        raise ExportError(f"{trained.checkpoint}: model.backbone={cfg.backbone}: only the interleaved backbone "
-                          "is exported so far (score it with the eager scorer, which serves it from a KV cache)")
     if cfg.session_mask or not cfg.use_history:
         raise ExportError(f"{trained.checkpoint}: model.session_mask={cfg.session_mask}, "
                           f"model.use_history={cfg.use_history}: only a causal history is exported "
@@ -153,16 +169,18 @@ def trace(trained: Trained, max_history: int) -> dict[str, torch.export.Exported
     device = next(model.parameters()).device
     history, candidates = example_inputs(trained, min(8, max_history), 5, device)
     t = torch.export.Dim("history", min=2, max=max_history)
-    # the candidates' cache: 2 tokens per impression, 2 for a one-impression history (the runner
-    # cuts the copy it pads such a history with, see exported.py)
-    s = torch.export.Dim("history_tokens", min=2, max=2 * max_history)
+    # the candidates' cache: 2 tokens per impression (attnmvp: 1), as many for a one-impression
+    # history (the runner cuts the copy it pads such a history with, see exported.py)
+    per = model.tokens_per_impression
+    s = torch.export.Dim("history_tokens", min=per, max=per * max_history)
     n = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
     layers, context = len(model.transformer.blocks), len(spec.read.context)
+    cached = 2 * layers + (0 if model.interleaved else 2)  # attnmvp: AttnLFA's keys and values
     programs = [
         (HISTORY_PROGRAM, HistoryProgram(model, len(spec.read.action_names), context), history,
          ({2: t}, {1: t}, {1: t}, {1: t})),
         (CANDIDATE_PROGRAM, CandidateProgram(model, context), candidates,
-         ({2: n}, {1: n}, {1: n}, None, None, None, tuple([{2: s}] * (2 * layers)))),  # *kv: one tuple
+         ({2: n}, {1: n}, {1: n}, None, None, None, tuple([{2: s}] * cached))),  # *kv: one tuple
     ]
     with torch.inference_mode():
         return {name: torch.export.export(program, inputs, dynamic_shapes=dynamic)
@@ -185,6 +203,8 @@ def export_meta(trained: Trained, max_history: int, calibration: Calibration | N
         "tasks": [{"name": task.name, "actions": list(task.actions), "group": task.group} for task in spec.tasks],
         "session_gap_s": spec.session_gap_s,
         "layers": len(model.transformer.blocks),
+        "backbone": model.cfg.backbone,
+        "tokens_per_impression": model.tokens_per_impression,  # absent from older exports: 2
         "max_history": max_history,
         "trained_max_history": trained.config.data.max_seq_len - 1,
         "min_history": 2,

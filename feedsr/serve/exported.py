@@ -32,8 +32,8 @@ HISTORY_PROGRAM, CANDIDATE_PROGRAM, EXPORT_META = "history.pt2", "candidates.pt2
 
 @dataclass
 class ExportedCache:
-    """One member's keys and values (L layers' keys, then values), its history length and first
-    timestamp (the candidates' impression index and RoPE time origin)."""
+    """One member's keys and values (L layers' keys, then values; attnmvp: then AttnLFA's), its
+    history length and first timestamp (the candidates' impression index and RoPE time origin)."""
 
     kv: tuple[torch.Tensor, ...]
     length: int
@@ -73,6 +73,7 @@ class ExportedScorer:
         self.features, self.context = self.meta["id_features"], self.meta["context"]
         self.dense = self.meta.get("dense", [])  # exports made before dense features: none
         self.tasks = [t["name"] for t in self.meta["tasks"]]
+        self.tokens_per_impression = self.meta.get("tokens_per_impression", 2)  # older exports: interleaved
         record = self.meta.get("calibration")
         self.calibration = None if record is None else Calibration.from_dict(record, source)
 
@@ -119,7 +120,8 @@ class ExportedScorer:
                                       self._numbers(columns, len(columns["timestamps"])),
                                       self._tensor(columns["timestamps"][None], torch.int64))
         # contiguous, as the candidate program was traced with (see HistoryProgram)
-        return ExportedCache(tuple(t[:, :, :2 * length].contiguous() for t in kv), length,
+        tokens = self.tokens_per_impression * length
+        return ExportedCache(tuple(t[:, :, :tokens].contiguous() for t in kv), length,
                              int(columns["timestamps"][0]))
 
     def score(self, cache: ExportedCache, candidates: dict[str, np.ndarray], request_time: int) -> np.ndarray:

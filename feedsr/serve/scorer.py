@@ -304,8 +304,8 @@ class CandidateScorer:
         model, max_len = self.model, int(history.lengths.max())
         if not model.interleaved:
             x, a, mask = model.item_tokens(history, max_len)  # (B, T, D)
-            keys, values, pool = item_history_kv(model, x, a, model.rotary(history, mask),
-                                                 model.attention_mask(history, max_len))
+            keys, values, pool = item_history_kv(model, model.positioned(x), a, model.rotary(history, mask),
+                                                 model.attend(model.attention_mask(history, max_len)))
             return HistoryCache(history, keys, values, pool=pool)
         x, mask = model.tokens(history, max_len)  # (B, 2T, D)
         keys, values = history_kv(model, x, model.rotary(history, mask),
@@ -318,8 +318,6 @@ class CandidateScorer:
         old, cfg = cache.block, self.model.cfg
         if old is None or len(old) != 1 or len(history) != 1 or cfg.session_mask or not cfg.use_history:
             return False
-        if not self.model.interleaved:  # AttnLFA's keys are the last block's outputs: encoded anew
-            return False
         cached = int(old.lengths[0])
         return (int(history.lengths[0]) >= cached and old.rows["member_id"][0] == history.rows["member_id"][0]
                 and all(k in history.values and np.array_equal(history.values[k][:cached], v)
@@ -327,15 +325,26 @@ class CandidateScorer:
 
     def _extend(self, cache: HistoryCache, history: SequenceBlock) -> HistoryCache:
         model, batch = self.model, collate(history, self.spec)
-        length, start = int(history.lengths[0]), 2 * int(cache.block.lengths[0])
-        x, mask = model.tokens(batch, length)  # (1, 2L, D): embeddings are cheap, the blocks are not
+        length, per = int(history.lengths[0]), model.tokens_per_impression
+        start = per * int(cache.block.lengths[0])  # the first new token
+        # embeddings are cheap, the blocks are not: tokens and angles of the whole history, cut
+        if model.interleaved:
+            x, mask = model.tokens(batch, length)  # (1, 2L, D)
+        else:
+            x, a, mask = model.item_tokens(batch, length)  # (1, L, D)
+            x = model.positioned(x)
         angles = model.rotary(batch, mask)
         x = x[:, start:]
         angles = None if angles is None else angles[:, start:]
-        # new token i is token start + i: it sees every cached token and the new ones up to itself
-        visible = torch.ones(x.shape[1], 2 * length, dtype=torch.bool).tril(diagonal=start)
-        keys, values = history_kv(model, x, angles, attention.sdpa(visible), (cache.keys, cache.values))
-        return HistoryCache(batch, keys, values, history)
+        # new token i is token start + i: it sees every cached token and the new ones up to
+        # itself (attnmvp: before itself; none is left seeing nothing, the cache holds >= 1 item)
+        own = 0 if model.interleaved else -1
+        visible = torch.ones(x.shape[1], per * length, dtype=torch.bool).tril(diagonal=start + own)
+        if model.interleaved:
+            keys, values = history_kv(model, x, angles, attention.sdpa(visible), (cache.keys, cache.values))
+            return HistoryCache(batch, keys, values, history)
+        keys, values, pool = item_history_kv(model, x, a[:, start:], angles, attention.sdpa(visible), cache)
+        return HistoryCache(batch, keys, values, history, pool)
 
     def _score_kv(self, cache: HistoryCache, candidates: Candidates) -> torch.Tensor:
         cand = collate(candidates.to_block(self.spec), self.spec)
@@ -345,7 +354,7 @@ class CandidateScorer:
         visible = None if bool((place.visible == cache.keys[0].shape[2]).all()) else place.visible
         angles = self._candidate_angles(place, x.shape[1])
         if not self.model.interleaved:
-            h = over_item_cache(self.model, x, angles, cache, visible)
+            h = over_item_cache(self.model, x, angles, cache.keys, cache.values, cache.pool, visible)
             return self._head(h[cand_mask], cand)
         h = over_cache(self.model, x, angles, cache.keys, cache.values, visible)
         return self._head(h[cand_mask], cand)
@@ -409,34 +418,46 @@ def over_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, keys
 
 
 def item_history_kv(model: FeedSR, x: torch.Tensor, a: torch.Tensor, angles: torch.Tensor | None,
-                    visible: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
-    """attnmvp: each layer's (B, H, T, Dh) keys and values of the history items ``x`` (B, T, D)
-    with actions ``a`` (the values carry them), the history attending under the model's item
-    mask ``visible``; and AttnLFA's keys (from the final states) and values (the actions)."""
-    keys, values, inner = [], [], model.attend(visible)
+                    history_attention, past: HistoryCache | None = None,
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """attnmvp: each layer's (B, H, T, Dh) keys and values of the history items ``x`` (B, T, D),
+    learned positions added, with actions ``a`` (the values carry them), the items attending
+    under ``history_attention`` (an ``Attend``); and AttnLFA's keys (from the final states) and
+    values (the actions). ``past``: the cache of the items before ``x`` (a history that ``x``
+    extends); ``x``'s keys and values are appended to its, and ``history_attention`` sees the
+    whole. Strict causality makes that exact: no cached item's state depends on a later one."""
+    keys, values = [], []
 
     def attend(q, k, v, scale):
+        if past is not None:
+            layer = len(keys)
+            k, v = torch.cat([past.keys[layer], k], dim=2), torch.cat([past.values[layer], v], dim=2)
         keys.append(k)
         values.append(v)
-        return inner(q, k, v, scale)
+        return history_attention(q, k, v, scale)
 
     # every block runs in full: the pooling's keys are the last block's outputs
-    h = model.transformer(model.positioned(x), angles, attend=attend, value_add=model.action_values(a))
+    h = model.transformer(x, angles, attend=attend, value_add=model.action_values(a))
     _, pool_keys = model.action_pool.queries_keys(h, angles)
-    return keys, values, (pool_keys, model.action_pool.values(a))
+    pool = (pool_keys, model.action_pool.values(a))
+    if past is not None:
+        pool = tuple(torch.cat([old, new], dim=2) for old, new in zip(past.pool, pool))
+    return keys, values, pool
 
 
-def over_item_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, cache: HistoryCache,
+def over_item_cache(model: FeedSR, x: torch.Tensor, angles: torch.Tensor | None, keys: list[torch.Tensor],
+                    values: list[torch.Tensor], pool: tuple[torch.Tensor, torch.Tensor],
                     visible: torch.Tensor | None) -> torch.Tensor:
     """attnmvp: (B, N, 2D) fused representations of the candidate tokens ``x`` (B, N, D): every
     layer cross-attends over the first ``visible`` (B,) cached history items (None: all), then
-    AttnLFA pools the history's actions for them. No candidate sees itself or another."""
-    transformer, pool = model.transformer, model.action_pool
-    for block, k, v in zip(transformer.blocks, cache.keys, cache.values):
+    AttnLFA pools the history's actions (``pool``: its cached keys and values) for them. No
+    candidate sees itself or another."""
+    transformer, action_pool = model.transformer, model.action_pool
+    for block, k, v in zip(transformer.blocks, keys, values):
         x = block(x, angles, None, attention.cached_past(k, v, visible))
     h = transformer.ln_out(x)
-    q, _ = pool.queries_keys(h, angles)
-    pooled = pool.output(attention.cached_past(*cache.pool, visible)(q, None, None, pool.scale))
+    q, _ = action_pool.queries_keys(h, angles)
+    pooled = action_pool.output(attention.cached_past(*pool, visible)(q, None, None, action_pool.scale))
     return model.fuse(h, pooled)
 
 
