@@ -47,6 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from training_runs import best_and_log, finished, save, train_logged  # noqa: E402  (how every benchmark trains)
+
 CONFIGS = {  # name -> (experiment, overrides, what it tests)
     "feedsr": ("kuairand_feedsr", [], "Feed-SR, default recipe"),
     "dcnv2": ("kuairand_dcnv2", [], "DCNv2 pointwise ranker (same features, loss, budget)"),
@@ -103,23 +106,15 @@ def run_one(args, name: str, seed: int, threads: int) -> dict:
     """Train one configuration and seed (or reuse a finished run); its best-by-validation result."""
     run_id = f"{name}_seed{seed}"
     run_dir = args.runs / run_id
-    done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    result = finished(run_dir, None, "benchmark")
+    if result is not None:
+        return result
     experiment, overrides, _ = CONFIGS[name]
-    cmd = [sys.executable, "-m", "feedsr.train", f"experiment={experiment}", *overrides,
-           f"data.path={args.data}", f"run_id={run_id}", f"output_root={args.runs}", f"seed={seed}",
-           "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}",
-           *args.overrides]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(run_dir / "benchmark.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
-    best = json.loads((run_dir / "best.json").read_text())
-    records = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    cmd, seconds = train_logged([f"experiment={experiment}", *overrides, f"data.path={args.data}", f"run_id={run_id}",
+                                 f"output_root={args.runs}", f"seed={seed}", "trainer.progress=false",
+                                 "trainer.tensorboard=false", f"trainer.num_threads={threads}", *args.overrides],
+                                run_dir, "benchmark.log")
+    best, records = best_and_log(run_dir)
     result = {"config": name, "seed": seed, "seconds": seconds, "best_step": best["step"],
               "impressions_per_s": statistics.fmean(r["impressions_per_s"] for r in records),
               "select_score": best["score"], "select_tasks": best["tasks"],
@@ -128,8 +123,7 @@ def run_one(args, name: str, seed: int, threads: int) -> dict:
               "by_history": by_history(args, run_dir / "checkpoints" / f"step-{best['step']}", threads)
               if args.history_seeds is None or seed in args.history_seeds else None,
               "command": " ".join(cmd[1:])}
-    done.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save(run_dir, result)
 
 
 def by_history(args, checkpoint: Path, threads: int) -> dict[str, dict[str, float]]:

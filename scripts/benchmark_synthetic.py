@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+from training_runs import best_and_log, finished, save, train_logged  # noqa: E402  (how every benchmark trains)
 CONFIGS = {  # name -> (experiment, overrides, what it is)
     "feedsr": ("synthetic_bench_feedsr", [], "Feed-SR: attention over the interleaved history"),
     "dcnv2": ("synthetic_bench_dcnv2", [], "DCNv2: the same features, the history mean-pooled"),
@@ -122,38 +122,25 @@ def run_model(args, name: str, seed: int, threads: int) -> dict:
     """Train one configuration and seed (or reuse a finished run); its test figures."""
     run_id = f"{name}_seed{seed}"
     run_dir = args.runs / run_id
-    done = run_dir / "result.json"
     experiment, overrides, _ = CONFIGS[name]
     # what the figures depend on: a finished run made with other settings is trained again
     settings = {"experiment": experiment, "overrides": [*overrides, *args.overrides], "seed": seed,
                 "data": str(args.data), "history_buckets": args.history_buckets}
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("settings") == settings:
-            return result
-        print(f"[benchmark] {run_id}: its result.json was made with other settings; training it again", flush=True)
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "feedsr.train", f"experiment={experiment}", *overrides,
-           f"data.path={args.data}", f"run_id={run_id}", f"output_root={args.runs}", f"seed={seed}",
-           "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}",
-           *args.overrides]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(run_dir / "benchmark.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'benchmark.log'}")
-    best = json.loads((run_dir / "best.json").read_text())
-    records = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    result = finished(run_dir, settings, "benchmark")
+    if result is not None:
+        return result
+    cmd, seconds = train_logged([f"experiment={experiment}", *overrides, f"data.path={args.data}", f"run_id={run_id}",
+                                 f"output_root={args.runs}", f"seed={seed}", "trainer.progress=false",
+                                 "trainer.tensorboard=false", f"trainer.num_threads={threads}", *args.overrides],
+                                run_dir, "benchmark.log")
+    best, records = best_and_log(run_dir)
     result = {"config": name, "seed": seed, "settings": settings, "train_seconds": seconds, "best_step": best["step"],
               "impressions_per_s": statistics.fmean(r["impressions_per_s"] for r in records),
               "valid": {t: pick(m) for t, m in best["metrics"].items()},
               **evaluate_test(args, run_dir / "checkpoints" / f"step-{best['step']}", threads),
               "command": " ".join(cmd[1:])}
     result["seconds"] = seconds + result["eval_seconds"]
-    done.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save(run_dir, result)
 
 
 def run_trees(args, threads: int) -> list[dict]:

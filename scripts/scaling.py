@@ -35,9 +35,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from bench_serve import sdpa_cpu_backward_flops, sdpa_cpu_flops  # noqa: E402  (one way to count attention)
 from benchmark_synthetic import ensure_data  # noqa: E402  (the same world, generated the same way)
+from training_runs import best_and_log, finished, save, train_logged  # noqa: E402  (how every benchmark trains)
 
 SIZES = {  # name -> (width d_model, layers, heads)
     "xs": (16, 1, 2),
@@ -127,30 +126,19 @@ def run_one(args, size: str, steps: int, seed: int, threads: int) -> dict:
     """Train one size, budget and seed (or reuse its finished run); its validation AUC."""
     run_id = f"{size}_steps{steps}_seed{seed}"
     run_dir = args.runs / run_id
-    done = run_dir / "result.json"
     overrides = overrides_of(args, size, steps)
     settings = {"overrides": overrides, "seed": seed}
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("settings") == settings:
-            return result
-        print(f"[scaling] {run_id}: its result.json was made with other settings; training it again", flush=True)
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "feedsr.train", *overrides, f"run_id={run_id}", f"output_root={args.runs}",
-           f"seed={seed}", "trainer.progress=false", "trainer.tensorboard=false", f"trainer.num_threads={threads}"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(run_dir / "scaling.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {run_dir / 'scaling.log'}")
-    best = json.loads((run_dir / "best.json").read_text())
+    result = finished(run_dir, settings, "scaling")
+    if result is not None:
+        return result
+    cmd, seconds = train_logged([*overrides, f"run_id={run_id}", f"output_root={args.runs}", f"seed={seed}",
+                                 "trainer.progress=false", "trainer.tensorboard=false",
+                                 f"trainer.num_threads={threads}"], run_dir, "scaling.log")
+    best, _ = best_and_log(run_dir)
     result = {"size": size, "steps": steps, "seed": seed, "settings": settings, "seconds": seconds,
               "auc": statistics.fmean(best["metrics"][t]["auc"] for t in TASKS),
               "valid": {t: best["metrics"][t]["auc"] for t in best["metrics"]}, "command": " ".join(cmd[1:])}
-    done.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save(run_dir, result)
 
 
 def frontier(points: list[dict]) -> list[dict]:
