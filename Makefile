@@ -84,9 +84,15 @@ bench-beyond: $(STAMP) ## beyond the paper: AttnMVP and time rotations vs the in
 	$(PY) scripts/benchmark_kuairand.py --configs feedsr attnmvp rope_time learned_time_rope --seeds 0 1 2 \
 		--parallel 2 --history-seeds 0 --runs runs/kuairand_beyond --json docs/benchmark_kuairand_beyond.json \
 		--markdown runs/kuairand_beyond.md
-	$(PY) scripts/benchmark_synthetic.py --configs feedsr attnmvp rope_time learned_time_rope --seeds 0 \
+	$(PY) scripts/benchmark_synthetic.py --configs feedsr attnmvp rope_time learned_time_rope --seeds 0 1 2 \
 		--parallel 2 --runs runs/synthetic_beyond --json docs/benchmark_synthetic_beyond.json \
 		--markdown runs/synthetic_beyond.md
+	$(PY) scripts/benchmark_synthetic.py --configs feedsr attnmvp --seeds 0 1 2 3 4 --parallel 2 \
+		--runs runs/synthetic_beyond --json docs/benchmark_synthetic_beyond_5seeds.json \
+		--markdown runs/synthetic_beyond_5seeds.md
+	$(PY) scripts/benchmark_synthetic.py --configs attnmvp --seeds 0 --parallel 2 \
+		--runs runs/synthetic_beyond_600 --json docs/benchmark_synthetic_beyond_600.json \
+		--markdown runs/synthetic_beyond_600.md trainer.max_steps=600
 
 scaling: $(STAMP) ## validation AUC against counted training FLOPs, a family of Feed-SR sizes on the synthetic benchmark's world (docs/scaling.png)
 	$(PY) scripts/scaling.py --sizes xs s m l --steps 60 240 --json docs/scaling.json --png docs/scaling.png
