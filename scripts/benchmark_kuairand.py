@@ -19,7 +19,10 @@ Configurations (each ablation changes one thing of ``feedsr``):
     dcnv2               conf/experiment/kuairand_dcnv2.yaml (the pointwise ranker)
     learned_positions   no RoPE: learned absolute positions
     no_late_fusion      context features in the post tokens instead of next to the head
-    linear_head         one linear layer per task instead of MMoE
+    token_context       context features in the post tokens as well as next to the head
+    context_bins        the late-fused context also in 16 quantile bins per feature (PLE)
+    dcnv2_context_bins  DCNv2 with the same bins
+    linear_head         one linear layer per task instead of the recipe's head
     no_loss_weighting   no temporal and no position decay of the loss weights
     no_session_shuffle  no in-session shuffle of the training sequences
     no_history          every impression sees only itself
@@ -57,7 +60,12 @@ CONFIGS = {  # name -> (experiment, overrides, what it tests)
                           "no RoPE: learned absolute positions"),
     "no_late_fusion": ("kuairand_feedsr", ["model.late_fusion=false", "model.d_model=128"],
                        "context features in the tokens (projected to width 128), not late-fused"),
-    "linear_head": ("kuairand_feedsr", ["model.head.type=linear"], "linear head instead of MMoE"),
+    "token_context": ("kuairand_feedsr", ["model.token_context=true", "model.d_model=216"],
+                      "context features in the post tokens as well as late-fused (projected to width 216)"),
+    "context_bins": ("kuairand_feedsr", ["model.context_bins=16"],
+                     "late-fused context also in 16 quantile bins per feature (PLE, 4 numbers each)"),
+    "dcnv2_context_bins": ("kuairand_dcnv2", ["model.context_bins=16"], "DCNv2 with the same quantile bins"),
+    "linear_head": ("kuairand_feedsr", ["model.head.type=linear"], "linear head instead of the recipe's (DCNv2 head)"),
     "no_loss_weighting": ("kuairand_feedsr", ["loss.temporal_decay=false", "loss.position_decay=false"],
                           "no temporal / position decay of loss weights"),
     "no_session_shuffle": ("kuairand_feedsr", ["data.session_shuffle=false"], "no in-session shuffle"),

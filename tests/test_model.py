@@ -51,7 +51,9 @@ def predict(model, block):
 
 
 VARIANTS = {"feedsr": {}, "dcnv2": {"name": "dcnv2"}, "attnmvp": {"backbone": "attnmvp"},
-            "learned_time": {"rope": "learned_time"}, "attnmvp_time": {"backbone": "attnmvp", "rope": "time"}}
+            "learned_time": {"rope": "learned_time"}, "attnmvp_time": {"backbone": "attnmvp", "rope": "time"},
+            "token_context": {"token_context": True, "d_model": 24},
+            "context_bins": {"context_bins": 4}, "dcnv2_context_bins": {"name": "dcnv2", "context_bins": 4}}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -68,7 +70,8 @@ def test_no_leakage_from_own_action_or_the_future(name, column):
         new = {"item_ids": 63, "ctx_age": 5.0, "cat_surface": 3}[column]
         later = predict(model, edited(block, column, t + 1, new))
         torch.testing.assert_close(later[: t + 1], base[: t + 1], rtol=0, atol=0)
-        if column in ("item_ids", "cat_surface"):  # context is late-fused: affects t only
+        # late-fused context affects t only; in the tokens as well, it reaches the later ones
+        if column in ("item_ids", "cat_surface") or (column == "ctx_age" and name == "token_context"):
             earlier = predict(model, edited(block, column, t - 1, new))
             assert (earlier[t] - base[t]).abs().max() > 1e-5
 
@@ -193,6 +196,7 @@ def test_strict_attention_gives_a_query_without_keys_zero_and_no_gradient():
 @pytest.mark.parametrize("overrides", [{}, {"session_mask": True}, {"position_encoding": "learned"},
                                        {"rope": "time"}, {"rope": "learned_time"}, {"name": "dcnv2"},
                                        {"late_fusion": False, "d_model": 24}, {"backbone": "attnmvp"},
+                                       {"token_context": True, "d_model": 24}, {"context_bins": 3},
                                        {"backbone": "attnmvp", "session_mask": True},
                                        {"backbone": "attnmvp", "position_encoding": "learned"},
                                        {"backbone": "attnmvp", "rope": "learned_time"}])
@@ -368,6 +372,7 @@ def data_config(**overrides) -> DataConfig:
 def test_model_width_is_known_before_any_data():
     assert model_width(ModelConfig(), num_id_features=3, context_dim=2) == 48
     assert model_width(ModelConfig(late_fusion=False), num_id_features=3, context_dim=2) == 50
+    assert model_width(ModelConfig(token_context=True), num_id_features=3, context_dim=2) == 50
     assert model_width(ModelConfig(d_model=32), num_id_features=3, context_dim=2) == 32
     for cfg in (ModelConfig(embedding_dim=8), ModelConfig(late_fusion=False, d_model=24)):
         model = build_model(cfg, MODEL_SPEC, max_seq_len=8)  # MODEL_SPEC: 3 id features, 1 context
@@ -428,6 +433,34 @@ def test_fitted_context_norm_equals_standardised_input(name, late_fusion):
     with torch.no_grad():
         torch.testing.assert_close(fitted(batch), plain(standardised))
         assert not torch.allclose(fitted(batch), plain(batch))  # the map changes the scores
+
+
+def test_quantile_encoding_reads_each_bin_between_its_edges():
+    """A feature at an edge fills the bins below and none above; between two edges the bin reads
+    the fraction passed; tied edges make a step; each feature has its own edges and weights."""
+    from feedsr.model.embeddings import QuantileEncoding
+
+    enc = QuantileEncoding(dim=2, bins=3, out_dim=1)
+    enc.fit(torch.tensor([[0.0, 1.0, 2.0, 4.0], [0.0, 0.0, 0.0, 1.0]]))
+    with torch.no_grad():
+        enc.weight.copy_(torch.tensor([1.0, 10.0, 100.0]).expand(2, 3)[..., None])
+    z = torch.tensor([[1.0, 0.5], [3.0, -1.0], [9.0, 0.0], [-5.0, 2.0]])
+    out = enc(z)  # relu(sum_k w_k * bin_k): the bins read as the digits of weights 1, 10, 100
+    # feature 1's tied edges at 0: a step, 0 at and below it (a count of 0), both bins full above
+    torch.testing.assert_close(out, torch.tensor([[1.0, 61.0], [61.0, 0.0], [111.0, 0.0], [0.0, 111.0]]))
+    assert out.shape == (4, 2) and enc.out_dim == 2
+    with pytest.raises(ValueError, match="ascending"):
+        enc.fit(torch.tensor([[0.0, 2.0, 1.0, 4.0], [0.0, 1.0, 2.0, 3.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        enc.fit(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("bad,message", [({"context_bins": 1}, "context_bins must be 0"),
+                                         ({"context_bins": -2}, "context_bins must be 0"),
+                                         ({"context_bins": 8, "context_bin_dim": 0}, "context_bin_dim")])
+def test_context_bins_config_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**bad)
 
 
 def test_attention_temperature_reaches_every_attention():

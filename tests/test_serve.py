@@ -10,7 +10,7 @@ import torch
 
 from conftest import MODEL_SPEC, SPEC, make_block
 from feedsr.model import build_model
-from feedsr.model.config import ModelConfig, PositionBiasConfig
+from feedsr.model.config import ModelConfig, PositionBiasConfig, context_in_tokens
 from feedsr.model.heads import HeadConfig
 from feedsr.serve import CandidateScorer, Candidates
 
@@ -21,6 +21,8 @@ CONFIGS = {
     "rope_time": {"rope": "time"},
     "learned_time": {"rope": "learned_time"},
     "no_late_fusion": {"late_fusion": False, "d_model": 24},
+    "token_context": {"token_context": True, "d_model": 24},  # context in the tokens and late-fused
+    "context_bins": {"context_bins": 4},  # the late-fused context's quantile encoding
     "linear_head": {"head": HeadConfig(type="linear")},
     "logged_position": {"position_bias": PositionBiasConfig(score_position=None)},
     "session_mask": {"session_mask": True},
@@ -111,13 +113,14 @@ def test_shared_context_equals_one_by_one(config, lengths, counts):
 
 
 @pytest.mark.parametrize("lengths,counts", [CASES[1], CASES[3], CASES[4]])
-@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "no_late_fusion", "session_mask", "attnmvp"])
+@pytest.mark.parametrize("config", ["rope_mmoe", "learned", "no_late_fusion", "token_context", "session_mask",
+                                    "attnmvp"])
 def test_shared_context_with_dense_features_equals_one_by_one(config, lengths, counts):
     """Dense features in the post token, the history's and the candidates': the shared-context
     scores are the model's own forward on [history, candidate] (one by one)."""
     model = model_of(spec=DENSE_SPEC, **CONFIGS[config])
     assert model.dense_norm is not None and model.posts.numeric_dim == len(DENSE) + (
-        0 if model.cfg.late_fusion else 1)
+        1 if context_in_tokens(model.cfg) else 0)
     scorer = CandidateScorer(model, DENSE_SPEC)
     history = with_dense(make_block(lengths, seed=len(lengths), gap_every=3), seed=len(lengths))
     candidates = make_candidates(history, counts)

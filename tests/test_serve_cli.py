@@ -384,10 +384,12 @@ def varied_requests(trained, synthetic_dir: Path) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def learned_time_run(synthetic_dir, tmp_path_factory) -> Path:
-    """A run with SIREN-RoPE rotations (model.rope=learned_time): its rotation depends on time."""
+    """A run with SIREN-RoPE rotations (model.rope=learned_time): its rotation depends on time;
+    and with the context's quantile bins (model.context_bins), fitted edges in its programs."""
     root = tmp_path_factory.mktemp("serve_cli_time")
     overrides = tiny_overrides(synthetic_dir, root, "time") + [
-        "trainer.max_steps=10", "trainer.checkpoint_every=10", "optimizer.lr=0.01", "model.rope=learned_time"]
+        "trainer.max_steps=10", "trainer.checkpoint_every=10", "optimizer.lr=0.01", "model.rope=learned_time",
+        "model.context_bins=4"]
     return run(compose(overrides)).run_dir
 
 
@@ -414,8 +416,10 @@ def test_traced_programs_score_like_the_eager_model(run_fixture, synthetic_dir, 
     from feedsr.serve.scorer import CandidateScorer
 
     trained = load_trained(request.getfixturevalue(run_fixture))
-    if run_fixture == "learned_time_run":  # trained away from its start (plain RoPE)
+    if run_fixture == "learned_time_run":  # trained away from its start (plain RoPE), bins fitted
         assert trained.model.time_rotation.siren[-1].weight.abs().max() > 0
+        edges = trained.model.context_bins.edges
+        assert not torch.allclose(edges, torch.linspace(-3.0, 3.0, edges.shape[1]).expand_as(edges))
     programs = {name: p.module() for name, p in trace(trained, 127).items()}
     meta = export_meta(trained, 127)
     assert meta["dense"] == list(trained.spec.read.dense) and meta["dense"]

@@ -557,6 +557,27 @@ def test_context_moments_of_the_training_split_are_fitted_and_saved(synthetic_di
     assert not identity.shift.any() and (identity.scale == 1).all()
 
 
+@pytest.mark.parametrize("name", ["feedsr", "dcnv2"])
+def test_context_bins_are_the_training_splits_quantiles_and_saved(synthetic_dir, tmp_path, name):
+    """model.context_bins: the edges are each context feature's quantiles over the training
+    split's impressions, through the fitted standardisation, and the checkpoint carries them."""
+    overrides = tiny_overrides(synthetic_dir, tmp_path, f"bins_{name}") + [
+        "trainer.max_steps=2", "model.context_bins=4", "model.context_bin_dim=3"]
+    if name == "dcnv2":
+        overrides.append("model=dcnv2")
+    context = list(to_config(compose(overrides)).data.context)
+    model = load_trained(run(compose(overrides)).run_dir).model
+    assert type(model).__name__ == {"feedsr": "FeedSR", "dcnv2": "DCNv2Ranker"}[name]
+    assert model.context_bins.edges.shape == (len(context), 5)
+    table = pa.concat_tables([pq.read_table(f, columns=[f"ctx_{c}" for c in context])
+                              for f in split_files(synthetic_dir, "train")])
+    for k, c in enumerate(context):  # the tiny split is below the sample size: every impression
+        values = torch.tensor(pc.list_flatten(table[f"ctx_{c}"]).to_numpy().astype(np.float64))
+        standardised = torch.asinh((values - model.context_norm.shift[k]) * model.context_norm.scale[k])
+        expected = torch.quantile(standardised, torch.linspace(0, 1, 5, dtype=torch.float64))
+        torch.testing.assert_close(model.context_bins.edges[k].double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_optuna_search_runs_real_trials_and_reports_the_best(synthetic_dir, tmp_path):
     """hparams_search=...: the Hydra Optuna sweeper runs each trial as a full training run in
     its own directory and maximises the score python -m feedsr.train returns."""

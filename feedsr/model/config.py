@@ -61,7 +61,15 @@ class ModelConfig:
     rope_time: bool | None = None  # the former spelling of rope=time (older configs, checkpoints)
     rope_time_unit_s: float = 3600.0
     late_fusion: bool = True  # False: context features go into the post tokens instead
+    # True: the context features go into the post tokens as well (beside late fusion), so that
+    # attention sees each past impression's point-in-time numbers, not only its ids
+    token_context: bool = False
     context_norm: bool = True  # context features: asinh of their standard scores (training moments)
+    # > 0: the late-fused context is also encoded piecewise-linearly over this many quantile bins
+    # per feature (the training split's), each feature embedded by its own linear map to
+    # context_bin_dim numbers (PLE, Gorishniy et al. 2022); 0: the standardised context alone
+    context_bins: int = 0
+    context_bin_dim: int = 4
     session_mask: bool = False  # hide same-session tokens (alternative to in-session shuffle)
     use_history: bool = True  # False: each impression sees only itself (ablation)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -96,6 +104,10 @@ class ModelConfig:
         # Written as `not lo <= x < inf`: NaN fails every comparison, so it is rejected too.
         if not 0 <= self.action_value_scale < math.inf:
             raise ValueError(f"model.action_value_scale must be >= 0, got {self.action_value_scale}")
+        if self.context_bins < 0 or self.context_bins == 1:
+            raise ValueError(f"model.context_bins must be 0 (off) or >= 2, got {self.context_bins}")
+        if self.context_bin_dim < 1:
+            raise ValueError(f"model.context_bin_dim must be >= 1, got {self.context_bin_dim}")
         if not 0 <= self.residual_init < math.inf:
             raise ValueError(f"model.residual_init must be >= 0, got {self.residual_init}")
         if not 1 < self.rope_base < math.inf:  # base <= 1: frequencies base**(-i/n) do not fall
@@ -116,11 +128,17 @@ class ModelConfig:
 
 def model_width(cfg: ModelConfig, num_id_features: int, context_dim: int, dense_dim: int = 0) -> int:
     """The transformer's width: ``d_model``, or else the post token's, one embedding per id
-    feature (ids and categoricals), the dense features, and the context features when they are
-    not late-fused."""
+    feature (ids and categoricals), the dense features, and the context features when the tokens
+    carry them (``context_in_tokens``)."""
     if cfg.d_model is not None:
         return cfg.d_model
-    return cfg.embedding_dim * num_id_features + dense_dim + (0 if cfg.late_fusion else context_dim)
+    return cfg.embedding_dim * num_id_features + dense_dim + (context_dim if context_in_tokens(cfg) else 0)
+
+
+def context_in_tokens(cfg: ModelConfig) -> bool:
+    """Whether the post tokens carry the context features: without late fusion (instead of it),
+    or with ``model.token_context`` (beside it)."""
+    return cfg.token_context or not cfg.late_fusion
 
 
 def check_width(cfg: ModelConfig, width: int) -> None:

@@ -14,7 +14,8 @@ from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
 from feedsr.model.config import ModelConfig
-from feedsr.model.embeddings import ContextNorm, PostEmbedding, build_position_bias
+from feedsr.model.embeddings import (ContextNorm, PostEmbedding, build_context_bins, build_position_bias,
+                                     late_context, late_context_dim)
 from feedsr.model.heads import CrossNetwork, build_head, mlp
 
 
@@ -36,11 +37,12 @@ class DCNv2Ranker(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.context_norm = ContextNorm(context_dim, cfg.context_norm)
+        self.context_bins = build_context_bins(cfg, context_dim)
         self.dense_norm = ContextNorm(dense_dim, cfg.context_norm) if dense_dim else None
         self.posts = PostEmbedding(tables, cfg.embedding_dim, dense_dim, device)
         width = self.posts.out_dim
         self.action_proj = nn.Linear(num_actions, width)
-        in_dim = 2 * width + context_dim  # [post, history mean, context]
+        in_dim = 2 * width + late_context_dim(self.context_bins, context_dim)  # [post, history mean, context]
         self.cross = CrossNetwork(in_dim, cfg.dcn_cross_layers)
         self.deep, deep_width = mlp(in_dim, cfg.dcn_deep_dims, cfg.dropout)
         self.head = build_head(cfg.head, in_dim + deep_width, task_groups)
@@ -48,7 +50,7 @@ class DCNv2Ranker(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N, K) task logits for every impression of the batch."""
-        context = self.context_norm(batch.context)
+        context = late_context(self.context_norm, self.context_bins, batch.context)
         dense = batch.dense if self.dense_norm is None else self.dense_norm(batch.dense)
         post = self.posts(batch.sparse, dense)  # (N, W)
         history = causal_mean(post + self.action_proj(batch.actions), batch.lengths)

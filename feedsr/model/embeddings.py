@@ -61,6 +61,72 @@ class ContextNorm(nn.Module):
         return torch.asinh((context - self.shift) * self.scale)
 
 
+class QuantileEncoding(nn.Module):
+    """(..., C) standardised context -> (..., C * out_dim): each feature's piecewise-linear
+    encoding over K bins (Gorishniy et al., "On Embeddings for Numerical Features in Tabular Deep
+    Learning", 2022), embedded by its own linear map and a ReLU.
+
+    Bin k of a feature reads clamp((z - e_k) / (e_{k+1} - e_k), 0, 1) for its edges e_0..e_K, the
+    training split's quantiles (``fit``, before step 1; buffers, saved with the weights). A tree
+    splits a feature at any threshold for free; an MLP over the bare number has to build every
+    threshold from ReLUs of linear maps that the other features share. With the bins, a
+    threshold near an edge is one weight, a step where many impressions tie (a count of 0) one
+    bin of zero width. The edges start evenly over [-3, 3], so an unfitted model still runs.
+
+    Args:
+        dim: number of context features.
+        bins: K, bins per feature.
+        out_dim: numbers per feature.
+    """
+
+    # Edges closer than this make a step: the bin reads 0 below its edge and 1 above.
+    MIN_WIDTH = 1e-6
+
+    def __init__(self, dim: int, bins: int, out_dim: int):
+        super().__init__()
+        self.register_buffer("edges", torch.linspace(-3.0, 3.0, bins + 1).repeat(dim, 1))
+        self.weight = nn.Parameter(torch.empty(dim, bins, out_dim))
+        self.bias = nn.Parameter(torch.zeros(dim, out_dim))
+        nn.init.uniform_(self.weight, -bins ** -0.5, bins ** -0.5)  # nn.Linear's start, per feature
+
+    @property
+    def out_dim(self) -> int:
+        return self.weight.shape[0] * self.weight.shape[2]
+
+    @torch.no_grad()
+    def fit(self, edges: torch.Tensor) -> None:
+        """Set the (C, K + 1) per-feature edges (ascending; ties allowed)."""
+        if edges.shape != self.edges.shape:
+            raise ValueError(f"bin edges of shape {tuple(edges.shape)} for {tuple(self.edges.shape)} "
+                             "(features, bins + 1)")
+        if (edges.diff(dim=1) < 0).any():
+            raise ValueError("bin edges must be ascending per feature")
+        self.edges.copy_(edges)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        left, width = self.edges[:, :-1], self.edges.diff(dim=1).clamp(min=self.MIN_WIDTH)
+        encoded = ((z.unsqueeze(-1) - left) / width).clamp(0.0, 1.0)  # (..., C, K)
+        out = torch.einsum("...ck,ckd->...cd", encoded, self.weight) + self.bias
+        return torch.relu(out).flatten(-2)
+
+
+def build_context_bins(cfg, context_dim: int) -> QuantileEncoding | None:
+    """The late-fused context's quantile encoding (``model.context_bins``), or None when off."""
+    if not cfg.context_bins or not context_dim:
+        return None
+    return QuantileEncoding(context_dim, cfg.context_bins, cfg.context_bin_dim)
+
+
+def late_context(norm: ContextNorm, bins: QuantileEncoding | None, context: torch.Tensor) -> torch.Tensor:
+    """(..., C) raw context -> what the head reads: standardised, then its quantile encoding."""
+    z = norm(context)
+    return z if bins is None else torch.cat([z, bins(z)], dim=-1)
+
+
+def late_context_dim(bins: QuantileEncoding | None, context_dim: int) -> int:
+    return context_dim + (0 if bins is None else bins.out_dim)
+
+
 class PostEmbedding(nn.Module):
     """(KJT of N impressions, (N, E) numbers) -> (N, out_dim) post features: the id embeddings,
     then the numbers.

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from feedsr.data.batch import Batch, pad_jagged
-from feedsr.model.config import ModelConfig, check_width, model_width
-from feedsr.model.embeddings import ContextNorm, PostEmbedding, build_position_bias
+from feedsr.model.config import ModelConfig, check_width, context_in_tokens, model_width
+from feedsr.model.embeddings import (ContextNorm, PostEmbedding, build_context_bins, build_position_bias,
+                                     late_context, late_context_dim)
 from feedsr.model.heads import build_head
 from feedsr.model.rope import LearnedTimeRotation, rope_angles
 from feedsr.model.transformer import ActionPooling, Transformer, interleaved_mask, item_mask, strict_attention
@@ -43,8 +44,9 @@ class FeedSR(nn.Module):
                  task_groups: list[int], max_seq_len: int, device=None, dense_dim: int = 0):
         super().__init__()
         self.cfg = cfg
-        token_context = 0 if cfg.late_fusion else context_dim
+        token_context = context_dim if context_in_tokens(cfg) else 0
         self.context_norm = ContextNorm(context_dim, cfg.context_norm)
+        self.context_bins = build_context_bins(cfg, context_dim) if cfg.late_fusion else None
         # Only with dense features: checkpoints of models without them keep their layout.
         self.dense_norm = ContextNorm(dense_dim, cfg.context_norm) if dense_dim else None
         self.posts = PostEmbedding(tables, cfg.embedding_dim, dense_dim + token_context, device)
@@ -65,7 +67,8 @@ class FeedSR(nn.Module):
             self.time_rotation = LearnedTimeRotation(width // cfg.num_heads, cfg.rope_base)
         self.interleaved = cfg.backbone == "interleaved"
         self.action_pool = None if self.interleaved else ActionPooling(width, cfg.num_heads)
-        head_in = width * (1 if self.interleaved else 2) + (context_dim if cfg.late_fusion else 0)
+        fused = late_context_dim(self.context_bins, context_dim) if cfg.late_fusion else 0
+        head_in = width * (1 if self.interleaved else 2) + fused
         self.head = build_head(cfg.head, head_in, task_groups)
         self.position_bias = build_position_bias(cfg.position_bias, len(task_groups))
 
@@ -80,9 +83,10 @@ class FeedSR(nn.Module):
 
     def token_numbers(self, context: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """(*S, E) the numbers of the post tokens from (*S, C) context and (*S, E_d) dense
-        features: the dense ones, then the context without late fusion, each standardised."""
+        features: the dense ones, then the context where the tokens carry it
+        (``context_in_tokens``), each standardised."""
         parts = [] if self.dense_norm is None else [self.dense_norm(dense)]
-        if not self.cfg.late_fusion:
+        if context_in_tokens(self.cfg):
             parts.append(self.context_norm(context))
         return torch.cat(parts, dim=-1) if parts else context[..., :0]
 
@@ -196,7 +200,7 @@ class FeedSR(nn.Module):
         configured), the multi-task head, and the position bias at ``positions`` (in eval mode at
         the configured scoring position)."""
         if self.cfg.late_fusion:
-            h = torch.cat([h, self.context_norm(context)], dim=-1)
+            h = torch.cat([h, late_context(self.context_norm, self.context_bins, context)], dim=-1)
         logits = self.head(h)
         if self.position_bias is not None:
             logits = logits + self.position_bias(positions)

@@ -33,7 +33,7 @@ from feedsr.data.config import (
 )
 from feedsr.data.reader import ReaderConfig, SequenceReader, open_files, split_files
 from feedsr.data.schema import CONTEXT_PREFIX, DENSE_PREFIX
-from feedsr.data.stats import column_moments
+from feedsr.data.stats import column_moments, column_quantiles
 from feedsr.data.tasks import task_bitmasks
 from feedsr.eval.evaluate import evaluate
 from feedsr.eval.metrics import TaskMetrics, format_table
@@ -65,6 +65,7 @@ from feedsr.train.plots import plot_learning_rates
 # Rows of the training split read for the context moments: plenty for a mean and a spread, and a
 # bounded read at start on a split of any size.
 CONTEXT_MOMENT_ROWS = 200_000
+CONTEXT_QUANTILE_VALUES = 300_000  # impressions sampled for the context bins' quantiles
 
 
 class LogWindow:
@@ -154,8 +155,11 @@ class Trainer:
         self.best: dict | None = None
         torch.manual_seed(cfg.seed)  # identical dense initialisation on every rank
         model = build_model(cfg.model, self.spec, cfg.data.max_seq_len, device=torch.device("meta"))
-        if cfg.model.context_norm and self.resume_from is None and not cfg.trainer.init_from:
-            self._fit_input_norms(model)  # else the checkpoint's moments load
+        if self.resume_from is None and not cfg.trainer.init_from:  # else the checkpoint's load
+            if cfg.model.context_norm:
+                self._fit_input_norms(model)
+            if getattr(model, "context_bins", None) is not None:
+                self._fit_context_bins(model)
         hdet = cfg.trainer.hdet
         self.model = shard_model(model, ctx, cfg.optimizer.sparse, cfg.optimizer.sparse_lr,
                                  cfg.optimizer.sparse_eps,
@@ -276,6 +280,24 @@ class Trainer:
         for norm, columns in norms:
             norm.fit(mean[start:start + len(columns)], std[start:start + len(columns)])
             start += len(columns)
+
+    def _fit_context_bins(self, model: torch.nn.Module) -> None:
+        """The quantile bins' edges: the training split's quantiles of each context feature, taken
+        through the fitted standardisation (a monotone map: the quantiles of the standardised
+        feature), on rank 0 and broadcast."""
+        columns = [CONTEXT_PREFIX + c for c in self.spec.read.context]
+        bins = model.context_bins.edges.shape[1] - 1
+        edges = torch.zeros(bins + 1, len(columns), dtype=torch.float64)
+        if self.ctx.is_main:
+            data = self.config.data
+            files = open_files(split_files(data.path, data.train_split), self.spec.read)
+            reader = SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
+            self._log(f"context bins: {bins} quantiles per feature of the training split")
+            edges = torch.tensor(column_quantiles(reader, columns, np.linspace(0, 1, bins + 1),
+                                                  CONTEXT_QUANTILE_VALUES))
+        edges = broadcast(edges).float()
+        with torch.no_grad():
+            model.context_bins.fit(model.context_norm(edges).T.contiguous())
 
     def _column_moments(self, columns: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank 0's mean and std of numeric columns over every impression of the training split's
