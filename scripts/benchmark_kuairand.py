@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -172,20 +173,41 @@ def summarize(results: list[dict], configs: list[str]) -> list[dict]:
     return rows
 
 
+def difference(a: dict, b: dict, task: str) -> tuple[float, float]:
+    """Row a's mean AUC minus row b's on a task, and the standard error of that difference of
+    means, sqrt(s_a^2 / n_a + s_b^2 / n_b) (nan with a single seed on either side)."""
+    se = (a[f"{task}_auc_std"] ** 2 / len(a["seeds"]) + b[f"{task}_auc_std"] ** 2 / len(b["seeds"])) ** 0.5
+    return a[f"{task}_auc"] - b[f"{task}_auc"], se
+
+
 def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") -> list[dict]:
     """Feed-SR minus DCNv2 per task, next to the seed spread (the larger sample std of the two)
-    and the standard error of the difference of means, sqrt(s_a^2 / n_a + s_b^2 / n_b)."""
+    and the standard error of the difference of means."""
     by_name = {r["config"]: r for r in rows}
     if base not in by_name or model not in by_name:
         return []
     a, b = by_name[model], by_name[base]
     out = []
     for task in REPORT_TASKS:
-        diff = a[f"{task}_auc"] - b[f"{task}_auc"]
+        diff, se = difference(a, b, task)
         spread = max(a[f"{task}_auc_std"], b[f"{task}_auc_std"])
-        se = (a[f"{task}_auc_std"] ** 2 / len(a["seeds"]) + b[f"{task}_auc_std"] ** 2 / len(b["seeds"])) ** 0.5
         out.append({"task": task, "feedsr_minus_dcnv2": diff, "larger_seed_std": spread,
                     "beyond_spread": diff > spread, "standard_error": se, "in_standard_errors": diff / se})
+    return out
+
+
+def against_default(rows: list[dict], base: str = "feedsr") -> list[dict]:
+    """Every other configuration minus the default recipe, per headline task: the ablations'
+    effect, with the standard error of the difference."""
+    by_name = {r["config"]: r for r in rows}
+    if base not in by_name:
+        return []
+    out = []
+    for row in rows:
+        if row["config"] != base:
+            out.append({"config": row["config"]} | {
+                task: dict(zip(("difference", "standard_error"), difference(row, by_name[base], task)))
+                for task in REPORT_TASKS})
     return out
 
 
@@ -209,8 +231,10 @@ def history_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> str:
-    fmt = lambda r, k: f"{r[k]:.4f} ± {r[k + '_std']:.4f}"  # noqa: E731
+def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict], against: list[dict] = ()) -> str:
+    def fmt(r, k):  # one seed has no spread
+        return f"{r[k]:.4f}" if len(r["seeds"]) < 2 else f"{r[k]:.4f} ± {r[k + '_std']:.4f}"
+
     rare = [t for t in counts if t not in REPORT_TASKS]
     lines = ["| config | what | " + " | ".join(f"{t} AUC" for t in REPORT_TASKS) + " | click NE | best step | min/run | imps/s |",
              "|" + "---|" * (len(REPORT_TASKS) + 6)]
@@ -231,6 +255,14 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict]) -> st
             lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "
                          f"{'yes' if d['beyond_spread'] else 'no'} | {d['standard_error']:.4f} | "
                          f"{d['in_standard_errors']:+.1f} |")
+    if against:
+        lines += ["", "Each configuration minus feedsr (AUC; in standard errors of the difference where both have "
+                  "2+ seeds):", "", "| config | " + " | ".join(REPORT_TASKS) + " |", "|" + "---|" * (len(REPORT_TASKS) + 1)]
+        for a in against:
+            lines.append(f"| {a['config']} | " + " | ".join(
+                f"{a[t]['difference']:+.4f}" + ("" if math.isnan(a[t]["standard_error"]) or not a[t]["standard_error"]
+                                                 else f" ({a[t]['difference'] / a[t]['standard_error']:+.1f} SE)")
+                for t in REPORT_TASKS) + " |")
     return "\n".join(lines)
 
 
@@ -252,8 +284,8 @@ def main(argv=None):
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(job, jobs))
     rows = summarize(results, args.configs)
-    diffs = differences(rows)
-    table = markdown(rows, diffs, positives(results))
+    diffs, against = differences(rows), against_default(rows)
+    table = markdown(rows, diffs, positives(results), against)
     total = sum(r["seconds"] for r in results)
     print(table)
     print(f"[benchmark] {len(results)} runs, {total / 60:.1f} run-minutes, "
@@ -264,7 +296,8 @@ def main(argv=None):
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "summary": rows, "differences": diffs, "runs": results,
+                                         "summary": rows, "differences": diffs, "against_feedsr": against,
+                                         "runs": results,
                                          "run_minutes": total / 60}, indent=2) + "\n")
 
 

@@ -643,6 +643,11 @@ def test_kuairand_benchmark_script_reports_seeds_differences_and_history_buckets
     runs = [r for r in report["runs"] if r["config"] == "feedsr"]
     assert feedsr["click_auc"] == pytest.approx(np.mean([r["valid"]["click"]["auc"] for r in runs]))
     assert [d["task"] for d in report["differences"]] == ["click", "long_view", "like"]
+    dcnv2 = next(row for row in report["summary"] if row["config"] == "dcnv2")
+    (against,) = report["against_feedsr"]  # every other configuration minus the default
+    assert against["config"] == "dcnv2"
+    assert against["click"]["difference"] == pytest.approx(dcnv2["click_auc"] - feedsr["click_auc"])
+    assert against["click"]["standard_error"] == pytest.approx(report["differences"][0]["standard_error"])
     assert feedsr["by_history"]["0-19"]["click"] == next(r for r in runs if r["seed"] == 1)["by_history"]["0-19"]["click"]
     assert "AUC by history length" in done.stdout
 
