@@ -83,6 +83,12 @@ bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best confi
 		--history-seeds 0 --data data/kuairand_full --json docs/benchmark_kuairand_tried.json
 	$(PY) scripts/benchmark_kuairand.py --configs feedsr --seeds 0 --parallel 2 --history-seeds 0 --data data/kuairand_full \
 		--runs runs/kuairand_sparse_lr --json docs/benchmark_kuairand_sparse_lr.json optimizer.sparse_lr=0.15
+	@# the narrow features (19 of the 127), for the sequence's share: trees, Feed-SR and DCNv2, seed 0
+	@test -f data/kuairand_prepared/dataset.json || $(MAKE) kuairand-prepared
+	$(PY) scripts/baseline_trees.py data=kuairand_prepared --seeds 0 --json docs/baseline_trees_kuairand_narrow.json
+	$(PY) scripts/benchmark_kuairand.py --configs feedsr dcnv2 --seeds 0 --parallel 2 --history-seeds 0 \
+		--data data/kuairand_prepared --runs runs/kuairand_narrow --json docs/benchmark_kuairand_narrow.json \
+		--markdown runs/kuairand_narrow.md data=kuairand_prepared
 
 bench-synthetic: $(STAMP) ## the synthetic benchmark: oracle, Feed-SR, DCNv2, no history, trees; 3 seeds, by history length (docs/benchmarks.md)
 	$(PY) scripts/benchmark_synthetic.py --seeds 0 1 2 --parallel 2 \

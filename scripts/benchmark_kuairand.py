@@ -252,6 +252,9 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict], again
         lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
                   "of the difference | difference / SE |", "|---|---|---|---|---|---|"]
         for d in diffs:
+            if math.isnan(d["standard_error"]):  # one seed of either: no spread to compare with
+                lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | - | - | - | - |")
+                continue
             lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "
                          f"{'yes' if d['beyond_spread'] else 'no'} | {d['standard_error']:.4f} | "
                          f"{d['in_standard_errors']:+.1f} |")
