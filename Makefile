@@ -71,7 +71,7 @@ search-kuairand: $(STAMP) ## Optuna searches of Feed-SR and DCNv2 on data/kuaira
 	$(PY) scripts/search_report.py runs/search_kuairand_feedsr --json docs/search_kuairand_feedsr.json
 
 KUAIRAND_ABLATIONS := feedsr no_history linear_head no_context_norm learned_positions no_late_fusion \
-	no_loss_weighting no_session_shuffle
+	no_loss_weighting no_session_shuffle token_context
 
 bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best configs of the search), ablations, what else was tried; 3 seeds (docs/benchmarks.md)
 	@test -f data/kuairand_full/dataset.json || $(MAKE) kuairand-full
@@ -79,7 +79,7 @@ bench-kuairand: $(STAMP) ## the KuaiRand benchmark: Feed-SR vs DCNv2 (best confi
 		--json docs/benchmark_kuairand.json --markdown runs/benchmark_kuairand.md
 	$(PY) scripts/benchmark_kuairand.py --configs $(KUAIRAND_ABLATIONS) --seeds 0 1 2 --parallel 2 --history-seeds 0 \
 		--data data/kuairand_full --json docs/benchmark_kuairand_ablations.json --markdown runs/benchmark_kuairand_ablations.md
-	$(PY) scripts/benchmark_kuairand.py --configs feedsr token_context context_bins --seeds 0 --parallel 2 \
+	$(PY) scripts/benchmark_kuairand.py --configs feedsr context_bins --seeds 0 --parallel 2 \
 		--history-seeds 0 --data data/kuairand_full --json docs/benchmark_kuairand_tried.json
 	$(PY) scripts/benchmark_kuairand.py --configs feedsr --seeds 0 --parallel 2 --history-seeds 0 --data data/kuairand_full \
 		--runs runs/kuairand_sparse_lr --json docs/benchmark_kuairand_sparse_lr.json optimizer.sparse_lr=0.15

@@ -59,10 +59,12 @@ CONFIGS = {  # name -> (experiment, overrides, what it tests)
     "dcnv2": ("kuairand_dcnv2", [], "DCNv2 pointwise ranker (same features, loss, budget)"),
     "learned_positions": ("kuairand_feedsr", ["model.position_encoding=learned"],
                           "no RoPE: learned absolute positions"),
-    "no_late_fusion": ("kuairand_feedsr", ["model.late_fusion=false", "model.d_model=128"],
-                       "context features in the tokens (projected to width 128), not late-fused"),
-    "token_context": ("kuairand_feedsr", ["model.token_context=true", "model.d_model=216"],
-                      "context features in the post tokens as well as late-fused (projected to width 216)"),
+    # Context in the tokens needs the in-session shuffle off: a shuffled later impression's
+    # point-in-time context counts the target's own actions (check_model_config refuses it).
+    "no_late_fusion": ("kuairand_feedsr", ["model.late_fusion=false", "model.d_model=128", "data.session_shuffle=false"],
+                       "context features in the tokens (projected to width 128), not late-fused; no shuffle"),
+    "token_context": ("kuairand_feedsr", ["model.token_context=true", "model.d_model=216", "data.session_shuffle=false"],
+                      "context features in the post tokens as well as late-fused (projected to width 216); no shuffle"),
     "context_bins": ("kuairand_feedsr", ["model.context_bins=16"],
                      "late-fused context also in 16 quantile bins per feature (PLE, 4 numbers each)"),
     "dcnv2_context_bins": ("kuairand_dcnv2", ["model.context_bins=16"], "DCNv2 with the same quantile bins"),
@@ -192,7 +194,8 @@ def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") ->
         diff, se = difference(a, b, task)
         spread = max(a[f"{task}_auc_std"], b[f"{task}_auc_std"])
         out.append({"task": task, "feedsr_minus_dcnv2": diff, "larger_seed_std": spread,
-                    "beyond_spread": diff > spread, "standard_error": se, "in_standard_errors": diff / se})
+                    "beyond_spread": diff > spread, "standard_error": se,
+                    "in_standard_errors": diff / se if se else math.nan})
     return out
 
 
@@ -252,7 +255,7 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict], again
         lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
                   "of the difference | difference / SE |", "|---|---|---|---|---|---|"]
         for d in diffs:
-            if math.isnan(d["standard_error"]):  # one seed of either: no spread to compare with
+            if math.isnan(d["standard_error"]) or not d["standard_error"]:  # one seed of either: no spread to compare with
                 lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | - | - | - | - |")
                 continue
             lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "

@@ -391,6 +391,16 @@ def test_check_model_config_rejects_bad_widths(overrides, message):
         check_model_config(ModelConfig(**overrides), data_config())
 
 
+@pytest.mark.parametrize("overrides", [{"late_fusion": False, "d_model": 24}, {"token_context": True, "d_model": 24}])
+def test_context_in_the_tokens_is_refused_under_the_in_session_shuffle(overrides):
+    """A shuffled later impression of the session precedes the target, and its point-in-time
+    context counts the target's own actions: with the context in the tokens that is a label leak."""
+    with pytest.raises(ValueError, match="leaks each target's own label"):
+        check_model_config(ModelConfig(**overrides), data_config())
+    check_model_config(ModelConfig(**overrides), data_config(session_shuffle=False))
+    check_model_config(ModelConfig(session_mask=True, **overrides), data_config())  # same session hidden
+
+
 def test_rope_time_is_the_former_spelling_of_rope_time():
     cfg = ModelConfig(rope_time=True)
     assert (cfg.rope, cfg.rope_time) == ("time", None)  # read once, then model.rope alone
@@ -457,7 +467,8 @@ def test_quantile_encoding_reads_each_bin_between_its_edges():
 
 @pytest.mark.parametrize("bad,message", [({"context_bins": 1}, "context_bins must be 0"),
                                          ({"context_bins": -2}, "context_bins must be 0"),
-                                         ({"context_bins": 8, "context_bin_dim": 0}, "context_bin_dim")])
+                                         ({"context_bins": 8, "context_bin_dim": 0}, "context_bin_dim"),
+                                         ({"context_bins": 8, "late_fusion": False}, "needs model.late_fusion")])
 def test_context_bins_config_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**bad)

@@ -32,8 +32,9 @@ def column_moments(blocks: Iterable[SequenceBlock], columns: list[str],
 def column_quantiles(blocks: Iterable[SequenceBlock], columns: list[str], quantiles: np.ndarray,
                      max_values: int) -> np.ndarray:
     """(Q, C) quantiles of each numeric column over the impressions of the blocks' first rows, up
-    to ``max_values`` impressions (a sample bounded in memory: 300k x 100 columns is 120 MB in
-    float32). Zeros when there is nothing to count."""
+    to ``max_values`` impressions (every impression of a row, history and targets alike, as for
+    the moments), kept in float32: 300k x 100 columns is 120 MB, plus one block being read.
+    Zeros when there is nothing to count."""
     parts, count = [], 0
     for block in blocks:
         if count >= max_values:

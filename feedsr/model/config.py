@@ -106,6 +106,8 @@ class ModelConfig:
             raise ValueError(f"model.action_value_scale must be >= 0, got {self.action_value_scale}")
         if self.context_bins < 0 or self.context_bins == 1:
             raise ValueError(f"model.context_bins must be 0 (off) or >= 2, got {self.context_bins}")
+        if self.context_bins and not self.late_fusion:
+            raise ValueError("model.context_bins encodes the late-fused context: it needs model.late_fusion=true")
         if self.context_bin_dim < 1:
             raise ValueError(f"model.context_bin_dim must be >= 1, got {self.context_bin_dim}")
         if not 0 <= self.residual_init < math.inf:
@@ -157,8 +159,17 @@ def check_width(cfg: ModelConfig, width: int) -> None:
 
 def check_model_config(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     """What the model config must satisfy given the data config, checked from the two configs
-    alone (before any data is generated or read): the width against the attention heads."""
+    alone (before any data is generated or read): the width against the attention heads, and no
+    context in the tokens under the in-session shuffle."""
     if model_cfg.name != "feedsr":  # the DCNv2 baseline has no attention
         return
     num_id_features = len(data_cfg.id_tables) + len(data_cfg.categorical)
     check_width(model_cfg, model_width(model_cfg, num_id_features, len(data_cfg.context), len(data_cfg.dense)))
+    if context_in_tokens(model_cfg) and data_cfg.session_shuffle and not model_cfg.session_mask:
+        # The shuffle puts a later impression j of the session before target i; j's point-in-time
+        # context counts i's own actions (they happened before j), and i would read them in X_j.
+        raise ValueError(
+            "the context in the post tokens (model.token_context=true or model.late_fusion=false) with "
+            "data.session_shuffle=true leaks each target's own label: a shuffled later impression of the "
+            "session comes first, and its point-in-time context counts the target's actions. Set "
+            "data.session_shuffle=false or model.session_mask=true")
