@@ -21,7 +21,6 @@ Configurations (each ablation changes one thing of ``feedsr``):
     no_late_fusion      context features in the post tokens instead of next to the head
     token_context       context features in the post tokens as well as next to the head
     context_bins        the late-fused context also in 16 quantile bins per feature (PLE)
-    dcnv2_context_bins  DCNv2 with the same bins
     linear_head         one linear layer per task instead of the recipe's head
     no_loss_weighting   no temporal and no position decay of the loss weights
     no_session_shuffle  no in-session shuffle of the training sequences
@@ -67,7 +66,6 @@ CONFIGS = {  # name -> (experiment, overrides, what it tests)
                       "context features in the post tokens as well as late-fused (projected to width 216); no shuffle"),
     "context_bins": ("kuairand_feedsr", ["model.context_bins=16"],
                      "late-fused context also in 16 quantile bins per feature (PLE, 4 numbers each)"),
-    "dcnv2_context_bins": ("kuairand_dcnv2", ["model.context_bins=16"], "DCNv2 with the same quantile bins"),
     "linear_head": ("kuairand_feedsr", ["model.head.type=linear"], "linear head instead of the recipe's (DCNv2 head)"),
     "no_loss_weighting": ("kuairand_feedsr", ["loss.temporal_decay=false", "loss.position_decay=false"],
                           "no temporal / position decay of loss weights"),
@@ -182,6 +180,11 @@ def difference(a: dict, b: dict, task: str) -> tuple[float, float]:
     return a[f"{task}_auc"] - b[f"{task}_auc"], se
 
 
+def known(se: float) -> bool:
+    """A standard error to divide by: two or more seeds on both sides, and some spread."""
+    return bool(se) and not math.isnan(se)
+
+
 def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") -> list[dict]:
     """Feed-SR minus DCNv2 per task, next to the seed spread (the larger sample std of the two)
     and the standard error of the difference of means."""
@@ -195,7 +198,7 @@ def differences(rows: list[dict], base: str = "dcnv2", model: str = "feedsr") ->
         spread = max(a[f"{task}_auc_std"], b[f"{task}_auc_std"])
         out.append({"task": task, "feedsr_minus_dcnv2": diff, "larger_seed_std": spread,
                     "beyond_spread": diff > spread, "standard_error": se,
-                    "in_standard_errors": diff / se if se else math.nan})
+                    "in_standard_errors": diff / se if known(se) else math.nan})
     return out
 
 
@@ -255,7 +258,7 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict], again
         lines += ["", "| task | Feed-SR − DCNv2 (AUC) | larger seed std | beyond the spread | standard error "
                   "of the difference | difference / SE |", "|---|---|---|---|---|---|"]
         for d in diffs:
-            if math.isnan(d["standard_error"]) or not d["standard_error"]:  # one seed of either: no spread to compare with
+            if not known(d["standard_error"]):  # one seed of either: no spread to compare with
                 lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | - | - | - | - |")
                 continue
             lines.append(f"| {d['task']} | {d['feedsr_minus_dcnv2']:+.4f} | {d['larger_seed_std']:.4f} | "
@@ -266,8 +269,8 @@ def markdown(rows: list[dict], diffs: list[dict], counts: dict[str, dict], again
                   "2+ seeds):", "", "| config | " + " | ".join(REPORT_TASKS) + " |", "|" + "---|" * (len(REPORT_TASKS) + 1)]
         for a in against:
             lines.append(f"| {a['config']} | " + " | ".join(
-                f"{a[t]['difference']:+.4f}" + ("" if math.isnan(a[t]["standard_error"]) or not a[t]["standard_error"]
-                                                 else f" ({a[t]['difference'] / a[t]['standard_error']:+.1f} SE)")
+                f"{a[t]['difference']:+.4f}" + (f" ({a[t]['difference'] / a[t]['standard_error']:+.1f} SE)"
+                                                 if known(a[t]["standard_error"]) else "")
                 for t in REPORT_TASKS) + " |")
     return "\n".join(lines)
 

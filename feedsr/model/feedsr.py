@@ -46,7 +46,7 @@ class FeedSR(nn.Module):
         self.cfg = cfg
         token_context = context_dim if context_in_tokens(cfg) else 0
         self.context_norm = ContextNorm(context_dim, cfg.context_norm)
-        self.context_bins = build_context_bins(cfg, context_dim) if cfg.late_fusion else None
+        self.context_bins = build_context_bins(cfg, context_dim)  # late fusion only (ModelConfig checks)
         # Only with dense features: checkpoints of models without them keep their layout.
         self.dense_norm = ContextNorm(dense_dim, cfg.context_norm) if dense_dim else None
         self.posts = PostEmbedding(tables, cfg.embedding_dim, dense_dim + token_context, device)

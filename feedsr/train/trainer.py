@@ -281,6 +281,12 @@ class Trainer:
             norm.fit(mean[start:start + len(columns)], std[start:start + len(columns)])
             start += len(columns)
 
+    def _stored_rows(self) -> SequenceReader:
+        """The training split's rows as stored (whole, uncut, unshuffled), for its statistics."""
+        data = self.config.data
+        files = open_files(split_files(data.path, data.train_split), self.spec.read)
+        return SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
+
     def _fit_context_bins(self, model: torch.nn.Module) -> None:
         """The quantile bins' edges: the training split's quantiles of each context feature, taken
         through the fitted standardisation (a monotone map: the quantiles of the standardised
@@ -289,11 +295,8 @@ class Trainer:
         bins = model.context_bins.edges.shape[1] - 1
         edges = torch.zeros(bins + 1, len(columns), dtype=torch.float64)
         if self.ctx.is_main:
-            data = self.config.data
-            files = open_files(split_files(data.path, data.train_split), self.spec.read)
-            reader = SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
             self._log(f"context bins: {bins} quantiles per feature of the training split")
-            edges = torch.tensor(column_quantiles(reader, columns, np.linspace(0, 1, bins + 1),
+            edges = torch.tensor(column_quantiles(self._stored_rows(), columns, np.linspace(0, 1, bins + 1),
                                                   CONTEXT_QUANTILE_VALUES))
         edges = broadcast(edges).float()
         with torch.no_grad():
@@ -304,11 +307,8 @@ class Trainer:
         rows as stored (its first ``CONTEXT_MOMENT_ROWS`` rows), broadcast to every rank."""
         moments = torch.zeros(2, len(columns), dtype=torch.float64)
         if self.ctx.is_main:
-            data = self.config.data
-            files = open_files(split_files(data.path, data.train_split), self.spec.read)
-            reader = SequenceReader(files, self.spec.read, ReaderConfig(batch_size=4096, max_seq_len=1 << 30))
             self._log("standardising the numeric features by the training split's moments")
-            moments = torch.tensor(np.stack(column_moments(reader, columns, CONTEXT_MOMENT_ROWS)))
+            moments = torch.tensor(np.stack(column_moments(self._stored_rows(), columns, CONTEXT_MOMENT_ROWS)))
         moments = broadcast(moments).float()
         return moments[0], moments[1]
 
